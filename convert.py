@@ -1,0 +1,20 @@
+"""Convert a trained checkpoint (run dir, checkpoint prefix or MLflow run id) to TFLite variants.
+
+    python convert.py source=<mlflow run id> 'variants=[int8]' export.per_channel=false
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from deeplabq.cli import run_task  # imports deeplabq first: sets TF_USE_LEGACY_KERAS before TensorFlow loads
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="convert")
+def main(cfg: DictConfig) -> float:
+    from deeplabq.export import convert
+
+    return run_task(convert, cfg)
+
+
+if __name__ == "__main__":
+    main()

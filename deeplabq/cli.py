@@ -1,0 +1,39 @@
+"""What the thin entry points share: run one task function, turn user errors into one clear line."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+# Errors that mean "your input is wrong": printed as one line, no traceback, exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, LookupError, RuntimeError)
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ImportError, ValueError):
+        return False
+
+
+def run_task(task, cfg: DictConfig) -> float:
+    """Call ``task(cfg, output_dir)`` and return its ``miou`` (the value a sweeper optimizes).
+
+    A user error (bad config value, dataset, checkpoint, run id) prints ``deeplabq: error: ...`` and exits
+    with status 2; in a multirun the job returns NaN instead so the other jobs still run (its MLflow run is
+    already marked FAILED).
+    """
+    try:
+        metrics = task(cfg, Path(cfg.paths.output_dir))
+    except USER_ERRORS as error:
+        print(f"deeplabq: error: {error}", file=sys.stderr)
+        if _in_multirun():
+            return math.nan
+        sys.exit(2)
+    return float(metrics.get("miou", math.nan))

@@ -1,0 +1,229 @@
+"""Segmentation metrics and evaluation of Keras models and TFLite files on a dataset split."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deeplabq import data as data_lib
+
+
+@dataclass
+class ConfusionMatrix:
+    """Pixel confusion matrix; pixels labelled ``ignore_label`` do not count."""
+
+    num_classes: int
+    ignore_label: int
+    matrix: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.matrix = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+
+    def update(self, labels: np.ndarray, predictions: np.ndarray) -> None:
+        labels = np.asarray(labels).reshape(-1).astype(np.int64)
+        predictions = np.asarray(predictions).reshape(-1).astype(np.int64)
+        valid = labels != self.ignore_label
+        index = labels[valid] * self.num_classes + np.clip(predictions[valid], 0, self.num_classes - 1)
+        self.matrix += np.bincount(index, minlength=self.num_classes**2).reshape(self.matrix.shape)
+
+    def per_class_iou(self) -> np.ndarray:
+        """IoU of each class; NaN where the class appears in neither labels nor predictions."""
+        true_positive = np.diag(self.matrix).astype(np.float64)
+        union = self.matrix.sum(0) + self.matrix.sum(1) - true_positive
+        with np.errstate(divide="ignore", invalid="ignore"):
+            iou = np.where(union > 0, true_positive / union, np.nan)
+        if 0 <= self.ignore_label < self.num_classes:
+            iou[self.ignore_label] = np.nan  # e.g. ADE20K's class 0: never a target
+        return iou
+
+    def miou(self) -> float:
+        iou = self.per_class_iou()
+        return float(np.nanmean(iou)) if np.any(~np.isnan(iou)) else 0.0
+
+    def pixel_accuracy(self) -> float:
+        total = self.matrix.sum()
+        return float(np.trace(self.matrix) / total) if total else 0.0
+
+    def metrics(self, class_names: list[str], prefix: str = "") -> dict[str, float]:
+        """Flat metric dict: miou, pixel_accuracy and iou/<class> (classes never seen are left out)."""
+        out = {f"{prefix}miou": self.miou(), f"{prefix}pixel_accuracy": self.pixel_accuracy()}
+        for name, value in zip(class_names, self.per_class_iou(), strict=False):
+            if not np.isnan(value):
+                out[f"{prefix}iou/{name}"] = float(value)
+        return out
+
+
+class Progress:
+    """A one-line progress bar on stderr (no dependency; quiet when stderr is not a terminal)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done, self.start = total, label, 0, time.perf_counter()
+        self.enabled = sys.stderr.isatty()
+
+    def advance(self, count: int = 1) -> None:
+        self.done += count
+        if self.enabled:
+            width = 30
+            filled = int(width * self.done / max(self.total, 1))
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            sys.stderr.write(
+                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+                f"{rate:.1f} img/s"
+            )
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def evaluate_keras(model, split: data_lib.SegmentationSplit, dataset_cfg, *, batch_size: int = 4,
+                   max_images: int | None = None) -> ConfusionMatrix:
+    """Single-scale padded evaluation of a Keras model (padding is labelled ignore, so it never counts)."""
+    confusion = ConfusionMatrix(split.num_classes, split.ignore_label)
+    pipeline = data_lib.input_pipeline(split, dataset_cfg, training=False, batch_size=batch_size)
+    total = len(split) if max_images is None else min(max_images, len(split))
+    progress = Progress(total, f"eval keras {split.split}")
+    seen = 0
+    for images, labels in pipeline:
+        if seen >= total:
+            break
+        take = min(total - seen, int(images.shape[0]))
+        logits = model(images[:take], training=False)
+        confusion.update(labels[:take].numpy(), np.argmax(logits.numpy(), axis=-1))
+        seen += take
+        progress.advance(take)
+    progress.close()
+    return confusion
+
+
+class TFLiteError(ValueError):
+    """A file that LiteRT cannot load or run (not a TFLite flatbuffer, truncated, wrong input)."""
+
+
+class TFLiteSegmenter:
+    """Runs a DeepLab TFLite file on images, whatever its I/O types.
+
+    Inputs are raw 0..255 RGB pixels; they are fed as float32, or quantized with the input tensor's own
+    scale and zero point for uint8/int8 models. Outputs are either labels (ArgMax inside the graph) or
+    logits (argmax taken here; dequantization is not needed for argmax).
+    """
+
+    def __init__(self, model: bytes | str, num_threads: int = 1, name: str | None = None) -> None:
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.name = name or (model if isinstance(model, str) else "<tflite bytes>")
+        try:
+            if isinstance(model, str):
+                self.interpreter = Interpreter(model_path=model, num_threads=num_threads)
+            else:
+                self.interpreter = Interpreter(model_content=model, num_threads=num_threads)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as error:
+            raise TFLiteError(f"{self.name} is not a loadable TFLite model: {error}") from error
+        inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
+        if len(inputs) != 1 or len(outputs) != 1 or len(inputs[0]["shape"]) != 4:
+            raise TFLiteError(f"{self.name}: expected one NHWC image input and one output, got "
+                              f"{[list(d['shape']) for d in inputs]} -> {[list(d['shape']) for d in outputs]}")
+        self.input, self.output = inputs[0], outputs[0]
+        self.input_hw = tuple(int(s) for s in self.input["shape"][1:3])
+        self.outputs_labels = len(self.output["shape"]) == 3  # ArgMax inside: (1, H, W) labels
+
+    def _prepare(self, image: np.ndarray) -> np.ndarray:
+        dtype = self.input["dtype"]
+        batch = np.asarray(image, dtype=np.float32)[None]
+        if np.issubdtype(dtype, np.floating):
+            return batch.astype(dtype)
+        scale, zero_point = self.input["quantization"]
+        if scale == 0:
+            return np.clip(np.round(batch), np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+        quantized = np.round(batch / scale + zero_point)
+        return np.clip(quantized, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+
+    def set_input(self, image: np.ndarray) -> None:
+        if tuple(image.shape[:2]) != self.input_hw:
+            raise TFLiteError(f"{self.name} takes {self.input_hw} images, got {tuple(image.shape[:2])}")
+        self.interpreter.set_tensor(self.input["index"], self._prepare(image))
+
+    def invoke(self) -> None:
+        self.interpreter.invoke()
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """Label map (H, W) of one padded image (float 0..255, the model's input size)."""
+        self.set_input(image)
+        self.invoke()
+        out = self.interpreter.get_tensor(self.output["index"])[0]
+        return out.astype(np.int64) if self.outputs_labels else np.argmax(out, axis=-1)
+
+
+def evaluate_tflite(segmenter: TFLiteSegmenter, split: data_lib.SegmentationSplit, dataset_cfg, *,
+                    max_images: int | None = None) -> ConfusionMatrix:
+    """Single-scale padded evaluation of a TFLite file with LiteRT (numpy pre/post-processing)."""
+    confusion = ConfusionMatrix(split.num_classes, split.ignore_label)
+    total = len(split) if max_images is None else min(max_images, len(split))
+    progress = Progress(total, f"eval {segmenter.name}")
+    for index in range(total):
+        image, label = split.load(index)
+        padded_image, padded_label, _ = data_lib.preprocess_for_eval(image, label, dataset_cfg)
+        confusion.update(padded_label, segmenter.predict(padded_image))
+        progress.advance()
+    progress.close()
+    return confusion
+
+
+def measure_latency(segmenter: TFLiteSegmenter, *, warmup: int = 2, runs: int = 10) -> dict[str, float]:
+    """Median and p90 wall time of invoke() in ms on a fixed mid-grey image."""
+    segmenter.set_input(np.full((*segmenter.input_hw, 3), 127.0, dtype=np.float32))
+    for _ in range(warmup):
+        segmenter.invoke()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        segmenter.invoke()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return {"latency_ms": float(np.median(times)), "latency_p90_ms": float(np.percentile(times, 90))}
+
+
+def evaluate(cfg, output_dir) -> dict[str, float]:
+    """evaluate.py: a TFLite file, checkpoint, run dir or MLflow run id → metrics in a new MLflow run."""
+    from pathlib import Path
+
+    import mlflow
+
+    from deeplabq import sources, tracking
+
+    output_dir = Path(output_dir)
+    source = sources.resolve_source(cfg.source)
+    if cfg.use_run_config:
+        cfg = sources.with_run_architecture(cfg, source)
+    with tracking.tracked_run(cfg, output_dir):
+        mlflow.set_tags({"deeplabq.source": source.describe(), **(
+            {"deeplabq.evaluated_run": source.run_id} if source.run_id else {})})
+        split = data_lib.open_split(cfg.dataset, cfg.eval.split)
+        threads = [int(t) for t in cfg.eval.latency_threads]
+        if source.kind == "tflite":
+            kind = source.path.stem
+            segmenter = TFLiteSegmenter(str(source.path), num_threads=max(threads), name=source.path.name)
+            metrics = evaluate_tflite(segmenter, split, cfg.dataset, max_images=cfg.eval.max_images).metrics(
+                list(split.class_names), prefix=f"{kind}/")
+            metrics[f"{kind}/size_bytes"] = source.path.stat().st_size
+            for count in threads:
+                timed = TFLiteSegmenter(str(source.path), num_threads=count)
+                latency = measure_latency(timed, warmup=int(cfg.eval.latency_warmup), runs=int(cfg.eval.latency_runs))
+                metrics[f"{kind}/latency_ms_t{count}"] = latency["latency_ms"]
+                metrics[f"{kind}/latency_p90_ms_t{count}"] = latency["latency_p90_ms"]
+        else:
+            kind = "keras"
+            model = sources.load_keras_model(cfg, source)
+            metrics = evaluate_keras(model, split, cfg.dataset, max_images=cfg.eval.max_images).metrics(
+                list(split.class_names), prefix="keras/")
+        metrics["miou"] = metrics[f"{kind}/miou"]
+        tracking.log_metrics(metrics)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        print(f"{source.describe()} on {split.name}/{split.split} ({len(split)} images): "
+              f"mIoU {100 * metrics['miou']:.2f}, pixel accuracy {100 * metrics[f'{kind}/pixel_accuracy']:.2f}")
+        return metrics

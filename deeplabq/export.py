@@ -1,0 +1,198 @@
+"""TFLite export: every deployable variant of a model, validated against its Keras source before it is kept.
+
+Variants (TF Model Garden's ``quant_type`` names in brackets):
+- ``float``          float32 weights and activations                                   [default]
+- ``dynamic_range``  int8 weights, float activations quantized on the fly (TFLite PTQ tutorial)
+- ``float16``        float16 weights                                                    [fp16]
+- ``int8``           full-integer post-training quantization, calibrated on train images [int8_full]
+- ``qat_int8``       full-integer conversion of a quantization-aware-trained model      [qat]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+
+from deeplabq.evaluation import TFLiteSegmenter
+from deeplabq.model import native_dilated_convolutions
+
+FLOAT_VARIANTS = ("float", "dynamic_range", "float16")
+INTEGER_VARIANTS = ("int8", "qat_int8")
+VARIANTS = FLOAT_VARIANTS + INTEGER_VARIANTS
+
+
+class ExportError(RuntimeError):
+    """A variant that could not be converted or did not validate; names the variant and the reason."""
+
+
+@dataclass
+class ExportedModel:
+    variant: str
+    path: Path
+    size_bytes: int
+    agreement: float  # fraction of pixels whose label equals the Keras model's argmax
+    op_histogram: dict[str, int] = field(default_factory=dict)
+    xnnpack_partitions: int = 0
+
+
+def _export_function(model: keras.Model, *, output: str):
+    """Concrete function image -> labels|logits, traced with native dilated convolutions."""
+    if output not in ("labels", "logits"):
+        raise ValueError(f"export.output must be 'labels' or 'logits', got {output!r}")
+    height, width = model.input_shape[1:3]
+
+    def serve(image):
+        logits = model(image, training=False)
+        if output == "labels":
+            return tf.argmax(logits, axis=-1, output_type=tf.int32)  # the seeds' ArgMax output
+        return logits
+
+    with native_dilated_convolutions():
+        return tf.function(serve).get_concrete_function(tf.TensorSpec((1, height, width, 3), tf.float32))
+
+
+def to_tflite(model: keras.Model, variant: str, *, output: str = "labels", input_type: str = "uint8",
+            per_channel: bool = True, representative_images=None) -> bytes:
+    """Convert ``model`` to one TFLite variant and return the flatbuffer.
+
+    ``input_type`` applies to the integer variants (uint8: raw pixels with scale 1 since the model
+    normalizes internally; int8; float32). Float variants always take float32 0..255 pixels.
+    ``representative_images`` (iterable of HxWx3 float 0..255 arrays) is required for ``int8``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown TFLite variant {variant!r}; choose from {VARIANTS}")
+    # No trackable_obj: with one, the converter round-trips a SavedModel (~20x slower); the concrete function
+    # is frozen to constants instead, which is what we ship anyway.
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([_export_function(model, output=output)])
+    if variant == "dynamic_range":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif variant == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif variant in INTEGER_VARIANTS:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if variant == "int8":
+            if representative_images is None:
+                raise ValueError("int8 post-training quantization needs representative_images")
+            images = list(representative_images)
+            converter.representative_dataset = lambda: ([img[None].astype(np.float32)] for img in images)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if input_type not in ("uint8", "int8", "float32"):
+            raise ValueError(f"export.input_type must be uint8, int8 or float32, got {input_type!r}")
+        if input_type != "float32":
+            converter.inference_input_type = tf.uint8 if input_type == "uint8" else tf.int8
+            if output == "logits":
+                converter.inference_output_type = converter.inference_input_type
+        if not per_channel:
+            converter._experimental_disable_per_channel = True  # the seeds' per-tensor 8-bit files
+    return converter.convert()
+
+
+def op_histogram(tflite: bytes) -> dict[str, int]:
+    segmenter = TFLiteSegmenter(tflite)
+    interpreter = segmenter.interpreter
+    ops = [d["op_name"] for d in interpreter._get_ops_details()]
+    return dict(Counter(op for op in ops if op != "DELEGATE"))
+
+
+def xnnpack_partitions(tflite: bytes, num_threads: int = 1) -> int:
+    """Number of subgraphs the XNNPACK delegate took over (1 = the whole model runs in XNNPACK)."""
+    segmenter = TFLiteSegmenter(tflite, num_threads=num_threads)
+    return sum(d["op_name"] == "DELEGATE" for d in segmenter.interpreter._get_ops_details())
+
+
+def pixel_agreement(tflite: bytes, model: keras.Model, images) -> float:
+    """Fraction of pixels where the TFLite labels equal the Keras model's argmax."""
+    segmenter = TFLiteSegmenter(tflite)
+    agree = total = 0
+    for image in images:
+        expected = np.argmax(model(image[None].astype(np.float32), training=False).numpy()[0], axis=-1)
+        predicted = segmenter.predict(image)
+        agree += int(np.sum(predicted == expected))
+        total += expected.size
+    return agree / max(total, 1)
+
+
+def write_atomically(path: Path, content: bytes) -> None:
+    """Write next to ``path`` and rename, so a crash never leaves a complete-looking partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(content)
+    os.replace(partial, path)
+
+
+def export_variant(model: keras.Model, variant: str, path: Path, *, check_images, export_cfg,
+                   representative_images=None, min_agreement: float = 0.0) -> ExportedModel:
+    """Convert, load, run and compare one variant, then write it. Raises ExportError naming the variant."""
+    try:
+        tflite = to_tflite(model, variant, output=export_cfg.output, input_type=export_cfg.input_type,
+                         per_channel=export_cfg.per_channel, representative_images=representative_images)
+        agreement = pixel_agreement(tflite, model, check_images)
+    except Exception as error:  # noqa: BLE001  (any converter/runtime failure is reported per variant)
+        raise ExportError(f"TFLite variant '{variant}' failed: {type(error).__name__}: {error}") from error
+    if agreement < min_agreement:
+        raise ExportError(f"TFLite variant '{variant}' agrees with its Keras model on only {agreement:.1%} "
+                          f"of pixels (< {min_agreement:.0%})")
+    write_atomically(path, tflite)
+    return ExportedModel(variant, path, len(tflite), agreement, op_histogram(tflite), xnnpack_partitions(tflite))
+
+
+def convert(cfg, output_dir) -> dict[str, float]:
+    """convert.py: a checkpoint, run dir or MLflow run → the requested TFLite variants, measured and logged.
+
+    Logs into the source's MLflow run when it has one (``log_to_source_run``), else into a new run
+    (a child run of the source run when known).
+    """
+    import mlflow
+
+    from deeplabq import data as data_lib
+    from deeplabq import reporting, sources, tracking
+
+    output_dir = Path(output_dir)
+    source = sources.resolve_source(cfg.source)
+    if source.kind != "checkpoint":
+        raise ValueError(f"convert.py needs a checkpoint, run dir or run id, got {source.describe()}")
+    for variant in cfg.variants:
+        if variant not in VARIANTS:
+            raise ValueError(f"variants: unknown TFLite variant {variant!r}; choose from {VARIANTS}")
+        if (variant == "qat_int8") != source.quantized:
+            raise ValueError(f"variants: {variant!r} does not fit {source.describe()} "
+                             f"({'a QAT' if source.quantized else 'a float'} checkpoint)")
+    if cfg.use_run_config:
+        cfg = sources.with_run_architecture(cfg, source)
+    into_source = bool(cfg.log_to_source_run) and source.run_id is not None
+    parent = {} if into_source or source.run_id is None else {"DEEPLABQ_PARENT_RUN_ID": source.run_id}
+    with contextlib.ExitStack() as stack:
+        if parent:
+            stack.enter_context(_environ(parent))
+        stack.enter_context(tracking.tracked_run(cfg, output_dir, run_id=source.run_id if into_source else None))
+        mlflow.set_tag("deeplabq.converted_from", source.describe())
+        model = sources.load_keras_model(cfg, source)
+        train_split = data_lib.open_split(cfg.dataset, cfg.dataset.train_split)
+        eval_split = data_lib.open_split(cfg.dataset, cfg.eval.split)
+        models = {"qat_model": model} if source.quantized else {"float_model": model}
+        metrics = reporting.export_and_measure(cfg, output_dir, list(cfg.variants), train_split=train_split,
+                                               eval_split=eval_split, **models)
+        print(reporting.summary_table(metrics, [int(t) for t in cfg.eval.latency_threads]))
+        return metrics
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]):
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -1,0 +1,170 @@
+"""MLflow tracking: one run per job, the resolved config as params, FAILED status on any error."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+RUN_ID_FILE = "mlflow_run.json"  # in the job's output dir: lets `resume=true` continue the same run
+MAX_PARAM_LENGTH = 6000
+
+
+class RunNotFoundError(ValueError):
+    """An MLflow run id that the tracking store does not know."""
+
+
+def setup_mlflow(tracking_cfg) -> str:
+    """Point MLflow at the configured store and return the experiment id (created if needed)."""
+    mlflow.set_tracking_uri(tracking_cfg.tracking_uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(tracking_cfg.experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = tracking_cfg.artifact_location
+    if location and "://" not in str(location):
+        Path(location).mkdir(parents=True, exist_ok=True)
+        location = Path(location).resolve().as_uri()
+    try:
+        return client.create_experiment(tracking_cfg.experiment_name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # Another job of a parallel sweep created it first.
+        return client.get_experiment_by_name(tracking_cfg.experiment_name).experiment_id
+
+
+def flatten_config(cfg: DictConfig) -> dict[str, str]:
+    """Dotted-key params of the resolved config (``train.learning_rate`` -> ``0.01``)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), child)
+        else:
+            text = json.dumps(value) if isinstance(value, list) else str(value)
+            flat[prefix] = text[:MAX_PARAM_LENGTH]
+
+    walk("", container)
+    return flat
+
+
+def group_choices(cfg: DictConfig) -> dict[str, str]:
+    """The group options a run was composed from (from Hydra when running under it, else from values)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = dict(HydraConfig.get().runtime.choices)
+    except (ValueError, ImportError):
+        choices = {}
+    backbone = f"mnv2_dm{int(round(float(cfg.backbone.depth_multiplier) * 100)):03d}"
+    return {
+        "dataset": choices.get("dataset") or str(cfg.dataset.name),
+        "backbone": choices.get("backbone") or backbone,
+        "head": choices.get("head") or str(cfg.head.name),
+        "quant": choices.get("quant") or str(cfg.quant.mode),
+        "experiment": choices.get("experiment") or "none",
+    }
+
+
+def run_name(cfg: DictConfig) -> str:
+    if cfg.tracking.get("run_name"):
+        return str(cfg.tracking.run_name)
+    c = group_choices(cfg)
+    name = f"{c['dataset']}-{c['backbone']}-os{cfg.backbone.output_stride}-{c['head']}-{c['quant']}"
+    if cfg.quant.mode == "qat_delayed":
+        name += f"-delay{cfg.quant.delay_steps}"
+    task = str(cfg.get("task", "train"))
+    return name if task == "train" else f"{task}-{name}"
+
+
+def run_tags(cfg: DictConfig) -> dict[str, str]:
+    c = group_choices(cfg)
+    tags = {f"deeplabq.{k}": v for k, v in c.items()}
+    tags.update(
+        {
+            "deeplabq.task": str(cfg.get("task", "train")),
+            "deeplabq.quant_mode": str(cfg.quant.mode),
+            "deeplabq.depth_multiplier": str(cfg.backbone.depth_multiplier),
+            "deeplabq.output_stride": str(cfg.backbone.output_stride),
+        }
+    )
+    parent = os.environ.get("DEEPLABQ_PARENT_RUN_ID")
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    tags.update({str(k): str(v) for k, v in (cfg.tracking.get("tags") or {}).items()})
+    return tags
+
+
+def _existing_run_id(output_dir: Path) -> str | None:
+    path = output_dir / RUN_ID_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())["run_id"]
+
+
+@contextlib.contextmanager
+def tracked_run(cfg: DictConfig, output_dir: Path, *, resume: bool = False, run_id: str | None = None):
+    """Start (or resume) the MLflow run of a job; mark it FAILED if the body raises.
+
+    On a fresh run logs the flattened resolved config as params, the resolved config file and tags.
+    ``run_id`` re-opens an existing run (e.g. convert.py logging into the run it converts).
+    """
+    experiment_id = setup_mlflow(cfg.tracking)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if run_id is None and resume:
+        run_id = _existing_run_id(output_dir)
+    if run_id is not None:
+        check_run_exists(run_id)
+    fresh = run_id is None
+    run = mlflow.start_run(
+        run_id=run_id,
+        experiment_id=None if run_id else experiment_id,
+        run_name=run_name(cfg) if fresh else None,
+        tags=run_tags(cfg) if fresh else None,
+    )
+    try:
+        if fresh:
+            (output_dir / RUN_ID_FILE).write_text(json.dumps({"run_id": run.info.run_id}))
+            mlflow.log_params(flatten_config(cfg))
+            with tempfile.TemporaryDirectory() as tmp:
+                config_path = Path(tmp) / "config.yaml"
+                config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+                mlflow.log_artifact(str(config_path))
+        yield run
+    except BaseException as error:
+        with contextlib.suppress(Exception):
+            mlflow.set_tag("deeplabq.error", f"{type(error).__name__}: {error}"[:5000])
+        mlflow.end_run(status="FAILED" if not isinstance(error, KeyboardInterrupt) else "KILLED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def check_run_exists(run_id: str) -> None:
+    try:
+        MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as error:
+        raise RunNotFoundError(
+            f"MLflow run '{run_id}' does not exist in the tracking store {mlflow.get_tracking_uri()}"
+        ) from error
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def run_artifact_dir(run_id: str) -> Path:
+    """Local directory of a run's artifacts (file-based artifact stores only)."""
+    uri = MlflowClient().get_run(run_id).info.artifact_uri
+    if not uri.startswith("file:"):
+        raise ValueError(f"run {run_id} stores artifacts at {uri}; only local file artifact stores are supported")
+    from urllib.parse import unquote, urlparse
+
+    return Path(unquote(urlparse(uri).path))

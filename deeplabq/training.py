@@ -1,0 +1,216 @@
+"""train(cfg, output_dir): the whole job behind train.py — train (per quant mode), evaluate, export, log."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+from omegaconf import DictConfig
+
+from deeplabq import checkpoints as ckpt_lib
+from deeplabq import data as data_lib
+from deeplabq import tracking
+from deeplabq.config import validate_config
+from deeplabq.model import build_deeplab, spec_from_config
+from deeplabq.reporting import evaluate_and_export, print_summary
+from deeplabq.sources import CHECKPOINT_DIR, PHASE_FILE, resolve_source
+
+
+def segmentation_loss(logits, labels, ignore_label: int):
+    """Mean softmax cross-entropy over the pixels that are not ``ignore_label``."""
+    valid = tf.not_equal(labels, ignore_label)
+    safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
+    per_pixel = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=logits)
+    per_pixel = tf.where(valid, per_pixel, tf.zeros_like(per_pixel))
+    return tf.reduce_sum(per_pixel) / tf.maximum(tf.reduce_sum(tf.cast(valid, tf.float32)), 1.0)
+
+
+def learning_rate_schedule(train_cfg):
+    """research/deeplab's 'poly' policy: lr * (1 - step / steps) ** power, or a constant."""
+    base = float(train_cfg.learning_rate)
+    if train_cfg.learning_policy == "constant":
+        return keras.optimizers.schedules.PolynomialDecay(base, int(train_cfg.steps), base, power=1.0)
+    return keras.optimizers.schedules.PolynomialDecay(
+        base, int(train_cfg.steps), float(train_cfg.end_learning_rate), power=float(train_cfg.learning_power)
+    )
+
+
+def make_optimizer(train_cfg, start_step: int = 0):
+    schedule = learning_rate_schedule(train_cfg)
+    if train_cfg.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(schedule, epsilon=float(train_cfg.adam_epsilon))
+    else:
+        optimizer = keras.optimizers.SGD(schedule, momentum=float(train_cfg.momentum))
+    optimizer.iterations.assign(start_step)  # the schedule continues where a previous phase stopped
+    return optimizer
+
+
+def set_batch_norm_trainable(model: keras.Model, trainable: bool) -> None:
+    """fine_tune_batch_norm=false: BN layers run in inference mode with frozen statistics and affine."""
+    for layer in _all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = trainable
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        inner = getattr(layer, "layer", None)  # tfmot QuantizeWrapper
+        if inner is not None:
+            yield inner
+
+
+class Trainer:
+    """Custom training loop over one model; a new Trainer takes over when delayed QAT switches models."""
+
+    def __init__(self, model: keras.Model, cfg: DictConfig, start_step: int) -> None:
+        self.model, self.cfg = model, cfg
+        self.schedule = learning_rate_schedule(cfg.train)
+        self.optimizer = make_optimizer(cfg.train, start_step)
+        self.ignore_label = int(cfg.dataset.ignore_label)
+        self.weight_decay = float(cfg.train.weight_decay)
+        self.train_step = tf.function(self._train_step)
+
+    def _train_step(self, images, labels):
+        with tf.GradientTape() as tape:
+            logits = self.model(images, training=True)
+            loss = segmentation_loss(logits, labels, self.ignore_label)
+            kernels = [v for v in self.model.trainable_variables if "kernel" in v.name]
+            regularization = self.weight_decay * tf.add_n([tf.nn.l2_loss(v) for v in kernels])
+            total = loss + regularization
+        variables = self.model.trainable_variables
+        self.optimizer.apply_gradients(zip(tape.gradient(total, variables), variables, strict=True))
+        return loss, total
+
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    def checkpoint(self) -> tf.train.Checkpoint:
+        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+
+
+def initialize_weights(model: keras.Model, init_cfg) -> str:
+    """Apply ``init`` (scratch / keras_imagenet / deeplab_checkpoint / run); returns what was loaded."""
+    source = init_cfg.source
+    if source == "scratch":
+        return "scratch"
+    if source == "keras_imagenet":
+        ckpt_lib.load_keras_imagenet_weights(model, init_cfg.path or "imagenet")
+    elif source == "deeplab_checkpoint":
+        ckpt_lib.load_deeplab_tf1_checkpoint(
+            model, str(init_cfg.path), initialize_last_layer=bool(init_cfg.initialize_last_layer)
+        )
+    elif source == "run":
+        source = resolve_source(str(init_cfg.path))
+        if source.kind != "checkpoint" or source.quantized:
+            raise ValueError(f"init.path={init_cfg.path} must be a float checkpoint, got {source.describe()}")
+        ckpt_lib.load_run_weights(model, source.path)
+    return f"{source}:{init_cfg.path}"
+
+
+def _log_checkpoint(save_path: str) -> None:
+    directory = Path(save_path).parent
+    for file in directory.glob(Path(save_path).name + ".*"):
+        mlflow.log_artifact(str(file), artifact_path=CHECKPOINT_DIR)
+    mlflow.log_artifact(str(directory / "checkpoint"), artifact_path=CHECKPOINT_DIR)
+    if (directory / PHASE_FILE).exists():
+        mlflow.log_artifact(str(directory / PHASE_FILE), artifact_path=CHECKPOINT_DIR)
+
+
+def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, quantize_at: int | None = None,
+        quantize_fn=None) -> keras.Model:
+    """Train ``model`` for ``train.steps`` steps; returns the trained model.
+
+    With ``quantize_at`` (delayed QAT) the float model trains until that step, then ``quantize_fn(model,
+    batches)`` returns the fake-quantized model that trains for the remaining steps (same schedule).
+    Checkpoints go to ``<output_dir>/checkpoints`` every ``train.checkpoint_every_steps`` and to MLflow.
+    """
+    train_cfg = cfg.train
+    total_steps = int(train_cfg.steps)
+    checkpoint_dir = output_dir / CHECKPOINT_DIR
+    set_batch_norm_trainable(model, bool(train_cfg.fine_tune_batch_norm))
+    pipeline = data_lib.input_pipeline(
+        train_split, cfg.dataset, training=True, batch_size=int(train_cfg.batch_size), seed=int(cfg.seed)
+    )
+    batches = iter(pipeline)
+
+    start_step = 0
+    latest = tf.train.latest_checkpoint(str(checkpoint_dir)) if cfg.resume else None
+    if latest:
+        phase = json.loads((checkpoint_dir / PHASE_FILE).read_text()) if (checkpoint_dir / PHASE_FILE).exists() else {}
+        if phase.get("quantized") and quantize_fn is not None:
+            model = quantize_fn(model, None)
+        trainer = Trainer(model, cfg, 0)
+        trainer.checkpoint().restore(latest).expect_partial()
+        start_step = trainer.step
+        print(f"resumed from {latest} at step {start_step}")
+    else:
+        trainer = Trainer(model, cfg, 0)
+    manager = tf.train.CheckpointManager(trainer.checkpoint(), str(checkpoint_dir), max_to_keep=2)
+    quantized = quantize_at is not None and start_step >= quantize_at
+
+    window_start, window_images = time.perf_counter(), 0
+    for step in range(start_step, total_steps):
+        if quantize_at is not None and not quantized and step >= quantize_at:
+            model = quantize_fn(trainer.model, batches)
+            trainer = Trainer(model, cfg, step)
+            manager = tf.train.CheckpointManager(trainer.checkpoint(), str(checkpoint_dir), max_to_keep=2)
+            quantized = True
+            mlflow.log_metric("quantization_started", 1.0, step=step)
+        images, labels = next(batches)
+        loss, total = trainer.train_step(images, labels)
+        window_images += int(images.shape[0])
+        done = step + 1
+        if done % int(train_cfg.log_every_steps) == 0 or done == total_steps:
+            elapsed = time.perf_counter() - window_start
+            loss_value = float(loss)
+            if not np.isfinite(loss_value):
+                raise FloatingPointError(f"training loss became {loss_value} at step {done}; "
+                                         f"lower train.learning_rate (now {train_cfg.learning_rate})")
+            tracking.log_metrics(
+                {
+                    "loss": loss_value,
+                    "total_loss": float(total),
+                    "learning_rate": float(trainer.schedule(done)),
+                    "images_per_sec": window_images / max(elapsed, 1e-9),
+                },
+                step=done,
+            )
+            print(f"step {done}/{total_steps} loss {loss_value:.4f} ({window_images / max(elapsed, 1e-9):.1f} img/s)")
+            window_start, window_images = time.perf_counter(), 0
+        if done % int(train_cfg.checkpoint_every_steps) == 0 or done == total_steps:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            (checkpoint_dir / PHASE_FILE).write_text(json.dumps({"quantized": quantized}))
+            _log_checkpoint(manager.save(checkpoint_number=done))
+    return trainer.model
+
+
+def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
+    """Run one training job (any quant mode) and return its metrics (``miou`` is the deployable one's)."""
+    output_dir = Path(output_dir)
+    with tracking.tracked_run(cfg, output_dir, resume=bool(cfg.resume)):
+        validate_config(cfg)
+        keras.utils.set_random_seed(int(cfg.seed))
+        train_split = data_lib.open_split(cfg.dataset, cfg.dataset.train_split)
+        eval_split = data_lib.open_split(cfg.dataset, cfg.eval.split)
+        spec = spec_from_config(cfg)
+        model = build_deeplab(spec)
+        mode = cfg.quant.mode
+        if mode == "float":
+            if not (cfg.resume and tf.train.latest_checkpoint(str(output_dir / CHECKPOINT_DIR))):
+                mlflow.set_tag("deeplabq.init", initialize_weights(model, cfg.init))
+            model = fit(model, cfg, output_dir, train_split)
+            float_model = model
+        else:
+            from deeplabq.quantization_modes import run_quant_mode
+
+            model, float_model = run_quant_mode(cfg, output_dir, model, train_split)
+        metrics = evaluate_and_export(cfg, output_dir, model, float_model, train_split, eval_split)
+        print_summary(cfg, metrics)
+        return metrics

@@ -1,0 +1,21 @@
+"""Evaluate a TFLite file, a checkpoint, a run directory or an MLflow run on a dataset split.
+
+    python evaluate.py source=outputs/synthetic/float/<time>/tflite/int8.tflite
+    python evaluate.py source=<mlflow run id> eval.split=val
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from deeplabq.cli import run_task  # imports deeplabq first: sets TF_USE_LEGACY_KERAS before TensorFlow loads
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> float:
+    from deeplabq.evaluation import evaluate
+
+    return run_task(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Train a DeepLab model in any quantization mode, export and evaluate its TFLite artifacts, log to MLflow.
+
+    python train.py                                   # the embedded default (synthetic data, float)
+    python train.py dataset=camvid backbone=mnv2_dm100 train.steps=2000
+    python train.py -m quant=qat_delayed quant.delay_steps=0,100,200
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from deeplabq.cli import run_task  # imports deeplabq first: sets TF_USE_LEGACY_KERAS before TensorFlow loads
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    from deeplabq.training import train
+
+    return run_task(train, cfg)
+
+
+if __name__ == "__main__":
+    main()
