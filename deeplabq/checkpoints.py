@@ -100,22 +100,22 @@ class CheckpointMismatchError(ValueError):
         lines = [f"The {kind} {self.source} does not fit the model:"]
         if self.missing:
             lines.append(f"  missing ({len(self.missing)}; needed by the model, not in the {kind}):")
-            lines += _listed(self.missing)
+            lines += _listed(self.missing, "missing")
         if self.unexpected:
             lines.append(f"  unexpected ({len(self.unexpected)}; in the {kind}, not used by the model):")
-            lines += _listed(self.unexpected)
+            lines += _listed(self.unexpected, "unexpected")
         if self.mismatched:
             lines.append(f"  wrong shape ({len(self.mismatched)}; name: {kind} shape vs model shape):")
-            lines += _listed([f"{n}: {list(a)} vs {list(b)}" for n, a, b in self.mismatched])
+            lines += _listed([f"{n}: {list(a)} vs {list(b)}" for n, a, b in self.mismatched], "mismatched")
         lines += [f"  hint: {h}" for h in self.hints]
         lines.append("Nothing was loaded; the model's weights are unchanged.")
         super().__init__("\n".join(lines))
 
 
-def _listed(items: list[str]) -> list[str]:
+def _listed(items: list[str], attribute: str) -> list[str]:
     shown = [f"    {item}" for item in items[:_MAX_LISTED]]
     if len(items) > _MAX_LISTED:
-        shown.append(f"    ... and {len(items) - _MAX_LISTED} more (all of them are on the exception)")
+        shown.append(f"    ... and {len(items) - _MAX_LISTED} more (all in the exception's .{attribute})")
     return shown
 
 
@@ -360,12 +360,19 @@ def _read_layered_h5(path: str) -> dict[str, dict[str, np.ndarray]]:
         layers = {}
         for layer_name in decode(root.attrs["layer_names"]):
             group = root[layer_name]
-            weights = {}
-            for weight_name in decode(group.attrs.get("weight_names", [])):
-                weights[_short_name(weight_name)] = np.asarray(group[weight_name])
-            if weights:
-                layers[layer_name] = weights
+            names = decode(group.attrs.get("weight_names", []))
+            if names:
+                layers[layer_name] = dict(zip(_weight_keys(names), (np.asarray(group[n]) for n in names), strict=True))
     return layers
+
+
+def _weight_keys(weight_names: list[str]) -> list[str]:
+    """How weights of one layer are matched: by short name ('gamma'), or by full name where short names
+    repeat within the layer."""
+    short = [_short_name(name) for name in weight_names]
+    if len(set(short)) == len(short):
+        return short
+    return [name.split(":")[0] for name in weight_names]
 
 
 def _assign_by_layer_name(
@@ -381,11 +388,14 @@ def _assign_by_layer_name(
     ignored) as 'layer/weight' names."""
     allowed_unused = set(allowed_unused)
     missing, mismatched, pending = [], [], []
+    used = {}
     for layer_name, layer in model_layers.items():
         values = source_layers.get(layer_name, {})
-        for var in layer.weights:
-            name = f"{layer_name}/{_short_name(var.name)}"
-            value = values.get(_short_name(var.name))
+        keys = _weight_keys([var.name for var in layer.weights])
+        used[layer_name] = set(keys)
+        for key, var in zip(keys, layer.weights, strict=True):
+            name = f"{layer_name}/{key}"
+            value = values.get(key)
             if value is None:
                 missing.append(name)
             elif tuple(value.shape) != tuple(var.shape):
@@ -394,12 +404,10 @@ def _assign_by_layer_name(
                 pending.append((name, var, value))
     unexpected, ignored = [], []
     for layer_name, values in source_layers.items():
-        target = model_layers.get(layer_name)
-        used = {_short_name(w.name) for w in target.weights} if target is not None else set()
-        for short in values:
-            if short in used:
+        for key in values:
+            if key in used.get(layer_name, ()):
                 continue
-            (ignored if layer_name in allowed_unused else unexpected).append(f"{layer_name}/{short}")
+            (ignored if layer_name in allowed_unused else unexpected).append(f"{layer_name}/{key}")
     if missing or unexpected or mismatched:
         raise CheckpointMismatchError(
             source, missing=missing, unexpected=unexpected, mismatched=mismatched,
@@ -466,7 +474,7 @@ def load_keras_imagenet_weights(
             ) from error
         source_name = f"keras.applications MobileNetV2 ImageNet weights ({file_name})"
         source_layers = {
-            layer.name: {_short_name(w.name): w.numpy() for w in layer.weights}
+            layer.name: dict(zip(_weight_keys([w.name for w in layer.weights]), layer.get_weights(), strict=True))
             for layer in keras_model.layers
             if layer.weights
         }
@@ -502,48 +510,115 @@ def load_keras_imagenet_weights(
 # Weights of a previous deeplabq run
 # --------------------------------------------------------------------------------------------------------
 
+_VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+_NUMBER_SUFFIX = re.compile(r"_\d+(?=_|$)")
+
 
 def _variable_keys(prefix: str, root: str) -> dict[str, tuple]:
     """Model variables of an object-based checkpoint: key relative to the model -> shape."""
     keys = {}
     for key, shape in tf.train.list_variables(prefix):
-        if ".OPTIMIZER_SLOT" in key or not key.endswith("/.ATTRIBUTES/VARIABLE_VALUE"):
+        if ".OPTIMIZER_SLOT" in key or not key.endswith(_VALUE_SUFFIX):
             continue
         if root:
             if not key.startswith(root + "/"):
                 continue
             key = key[len(root) + 1:]
-        keys[key.removesuffix("/.ATTRIBUTES/VARIABLE_VALUE")] = tuple(shape)
+        keys[key.removesuffix(_VALUE_SUFFIX)] = tuple(shape)
     return keys
 
 
-def _readable_keys(model: keras.Model, keys: dict[str, tuple]) -> dict[str, str]:
-    """'layer_with_weights-7/kernel' -> 'layer_with_weights-7/kernel (aspp0/kernel)' where that is sure."""
+def _resolve_key(model: keras.Model, key: str) -> tf.Variable | None:
+    """The model variable of a checkpoint key like 'layer_with_weights-7/kernel' or
+    'layer_with_weights-7/layer/kernel' (a tfmot wrapper), or None if that is not certain."""
+    match = re.fullmatch(r"layer_with_weights-(\d+)/(.+)", key)
     weighted = [layer for layer in model.layers if layer.weights]
-    readable = {}
-    for key, shape in keys.items():
-        match = re.fullmatch(r"layer_with_weights-(\d+)/(\w+)", key)
-        label = key
-        if match and int(match.group(1)) < len(weighted):
-            layer = weighted[int(match.group(1))]
-            var = getattr(layer, match.group(2), None)
-            if isinstance(var, tf.Variable) and tuple(var.shape) == shape:
-                label = f"{key} ({layer.name}/{match.group(2)})"
-        readable[key] = label
-    return readable
+    if not match or int(match.group(1)) >= len(weighted):
+        return None
+    obj = weighted[int(match.group(1))]
+    *path, attribute = match.group(2).split("/")
+    for part in path:
+        obj = getattr(obj, part, None)
+    var = getattr(obj, attribute, None)
+    if isinstance(var, tf.Variable):
+        return var
+    candidates = [w for w in getattr(obj, "weights", []) if _short_name(w.name) == attribute]
+    return candidates[0] if len(candidates) == 1 else None
 
 
-def _compare_keys(model, expected: dict[str, tuple], found: dict[str, tuple], source: str, kind: str):
-    label = _readable_keys(model, expected)
-    missing = [label[k] for k in expected if k not in found]
+def _label(model: keras.Model, key: str) -> str:
+    var = _resolve_key(model, key)
+    return f"{key} ({var.name.split(':')[0]})" if var is not None else key
+
+
+def _renamed_pairs(model, missing: list[str], unexpected: list[str], expected, found) -> dict[str, str]:
+    """Model key -> checkpoint key for variables whose checkpoint name embeds an auto-generated layer name.
+
+    tfmot's input ``QuantizeLayer`` names its variables after itself (``quantize_layer_max``), and Keras
+    numbers auto-named layers per process (``quantize_layer_1`` for the second QAT model built), so the
+    same variable can have another key in the checkpoint. Pairs only where that is unambiguous: the keys
+    differ only by ``_<n>`` suffixes in their last part, shapes agree and the variable resolves.
+    """
+    def canonical(key):
+        head, _, last = key.rpartition("/")
+        return head + "/" + _NUMBER_SUFFIX.sub("", last)
+
+    by_canonical = {}
+    for key in unexpected:
+        by_canonical.setdefault(canonical(key), []).append(key)
+    model_side = {}
+    for key in missing:
+        model_side.setdefault(canonical(key), []).append(key)
+    pairs = {}
+    for name, keys in model_side.items():
+        candidates = by_canonical.get(name, [])
+        if len(keys) == 1 and len(candidates) == 1 and expected[keys[0]] == found[candidates[0]]:
+            if _resolve_key(model, keys[0]) is not None:
+                pairs[keys[0]] = candidates[0]
+    return pairs
+
+
+def _compare_keys(model, expected: dict[str, tuple], found: dict[str, tuple], source: str, kind: str,
+                  allow_renamed: bool = False) -> dict[str, str]:
+    """Raise CheckpointMismatchError unless ``found`` has exactly the ``expected`` keys and shapes; returns
+    the pairs of renamed keys (model key -> checkpoint key) it accepted (see _renamed_pairs)."""
+    missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
-    mismatched = [(label[k], found[k], s) for k, s in expected.items() if k in found and found[k] != s]
+    pairs = _renamed_pairs(model, missing, unexpected, expected, found) if allow_renamed else {}
+    missing = [k for k in missing if k not in pairs]
+    unexpected = [k for k in unexpected if k not in set(pairs.values())]
+    mismatched = [(_label(model, k), found[k], s) for k, s in expected.items() if k in found and found[k] != s]
     if missing or unexpected or mismatched:
         hints = ["the run's model was built with another architecture (dataset.num_classes, backbone.*, "
-                 "head.*): use the same config as that run"]
+                 "head.*, quantization): use the same config as that run"]
         raise CheckpointMismatchError(
-            source, missing=missing, unexpected=unexpected, mismatched=mismatched, hints=hints, kind=kind
+            source, missing=[_label(model, k) for k in missing], unexpected=unexpected, mismatched=mismatched,
+            hints=hints, kind=kind,
         )
+    return pairs
+
+
+def _align_renamed_layers(model_layers: dict, source_layers: dict) -> dict:
+    """Source layers renamed to the model's where only auto-generated names differ.
+
+    With as many weighted layers on both sides, a source layer whose name differs from the model layer at
+    the same position (e.g. tfmot's ``quantize_layer`` vs ``quantize_layer_1``: Keras numbers auto-named
+    layers per process) takes the model layer's name, and its weights the model's weight keys if they are
+    as many. Shapes are still checked; any other difference is still reported.
+    """
+    if len(model_layers) != len(source_layers):
+        return source_layers
+    aligned = {}
+    for (name, layer), (source_name, values) in zip(model_layers.items(), source_layers.items(), strict=True):
+        if source_name == name or source_name in model_layers or name in source_layers:
+            aligned[source_name] = values
+            continue
+        keys = _weight_keys([var.name for var in layer.weights])
+        if len(keys) == len(values):
+            aligned[name] = dict(zip(keys, values.values(), strict=True))
+        else:
+            aligned[source_name] = values
+    return aligned
 
 
 def _h5_dataset_shapes(path: str) -> dict[str, tuple]:
@@ -568,7 +643,7 @@ def _restore_all_or_nothing(model: keras.Model, restore, source: str) -> None:
 
 
 def load_run_weights(model: keras.Model, path: str | os.PathLike) -> LoadReport:
-    """Initialize ``model`` from a previous deeplabq run (same architecture).
+    """Initialize ``model`` from a previous deeplabq run (same architecture, float or QAT-wrapped).
 
     ``path`` is one of: a run directory with ``checkpoints/`` (latest ``tf.train.Checkpoint(model=model,
     ...)`` there), a checkpoint directory, a checkpoint prefix (``.../ckpt-12``; ``model.save_weights``
@@ -585,7 +660,8 @@ def load_run_weights(model: keras.Model, path: str | os.PathLike) -> LoadReport:
         if path.endswith(".weights.h5"):
             return _load_keras_v3_weights(model, path)
         layers = {layer.name: layer for layer in _iter_layers(model) if layer.weights}
-        loaded, _ = _assign_by_layer_name(layers, _read_layered_h5(path), path, kind="weights file")
+        source_layers = _align_renamed_layers(layers, _read_layered_h5(path))
+        loaded, _ = _assign_by_layer_name(layers, source_layers, path, kind="weights file")
         return LoadReport(source=path, loaded=loaded)
 
     prefix = path
@@ -616,16 +692,21 @@ def load_run_weights(model: keras.Model, path: str | os.PathLike) -> LoadReport:
     with tempfile.TemporaryDirectory() as tmp:
         reference = tf.train.Checkpoint(model=model).write(os.path.join(tmp, "reference"))
         expected = _variable_keys(reference, "model")
-    _compare_keys(model, expected, found, prefix, "checkpoint")
+    renamed = _compare_keys(model, expected, found, prefix, "checkpoint", allow_renamed=True)
 
     def restore():
         checkpoint = tf.train.Checkpoint(model=model) if root else tf.train.Checkpoint(root=model)
         status = checkpoint.read(prefix)
         status.expect_partial()
-        status.assert_existing_objects_matched()
+        if not renamed:  # renamed variables are not matched by TF; they are assigned below
+            status.assert_existing_objects_matched()
+        reader = tf.train.load_checkpoint(prefix)
+        for model_key, ckpt_key in renamed.items():
+            full_key = f"{root}/{ckpt_key}" if root else ckpt_key
+            _resolve_key(model, model_key).assign(reader.get_tensor(full_key + _VALUE_SUFFIX))
 
     _restore_all_or_nothing(model, restore, prefix)
-    return LoadReport(source=prefix, loaded=sorted(_readable_keys(model, expected).values()))
+    return LoadReport(source=prefix, loaded=sorted(_label(model, key) for key in expected))
 
 
 def _load_keras_v3_weights(model: keras.Model, path: str) -> LoadReport:

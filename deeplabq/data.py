@@ -621,3 +621,19 @@ def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
     # TF1 resize_nearest_neighbor with align_corners=True, as deeplab resizes predictions back
     scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
     return np.minimum(np.floor(np.arange(out_size) * scale + 0.5).astype(np.int64), in_size - 1)
+
+
+def iterate(dataset: tf.data.Dataset):
+    """Iterate a pipeline, re-raising a reader error from inside tf.data as the DatasetError it was."""
+    iterator = iter(dataset)
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.OpError as error:
+            text = error.message
+            if "DatasetError: " not in text:
+                raise
+            message = text.split("DatasetError: ", 1)[1].split("\n", 1)[0]
+            raise DatasetError(message) from None

@@ -89,7 +89,7 @@ def evaluate_keras(model, split: data_lib.SegmentationSplit, dataset_cfg, *, bat
     total = len(split) if max_images is None else min(max_images, len(split))
     progress = Progress(total, f"eval keras {split.split}")
     seen = 0
-    for images, labels in pipeline:
+    for images, labels in data_lib.iterate(pipeline):
         if seen >= total:
             break
         take = min(total - seen, int(images.shape[0]))

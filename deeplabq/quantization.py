@@ -24,7 +24,7 @@ its input's range), and the whole-image mean quantizes its output.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import deeplabq  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
@@ -160,7 +160,7 @@ def _concat_input_producers(model: keras.Model) -> list[str]:
     return names
 
 
-class _DeepLabLayoutTransform(_default_8bit.default_8bit_quantize_layout_transform.Default8BitQuantizeLayoutTransform):
+class _DeepLabLayoutTransform(_default_8bit.Default8BitQuantizeLayoutTransform):
     """tfmot's default layout transforms (Conv/DepthwiseConv + BN (+ReLU) folding patterns, input quantize,
     concat handling), then: producers feeding a Concatenate through resizes keep the concat's scale."""
 
@@ -265,6 +265,30 @@ def calibrate_activation_ranges(qat_model: keras.Model, batches: Iterable) -> di
         entry["vars"]["max_var"].assign(tf.fill(entry["vars"]["max_var"].shape, high))
         ranges[entry["vars"]["min_var"].name] = (low, high)
     return ranges
+
+
+# --------------------------------------------------------------------------------------------------------
+# Batch-norm statistics.
+
+
+def reestimate_batch_norm(model: keras.Model, images) -> None:
+    """Set every BN layer's moving mean/variance to the statistics of ``images`` (one batch, 0..255).
+
+    One training-mode forward pass with momentum 0: each BN normalizes with, and stores, the batch
+    statistics of its input as produced by the already re-estimated layers before it, so inference
+    afterwards reproduces the pass. Useful to give randomly initialised models realistic activation
+    scales (tests, benchmarks) or to refresh statistics after fine-tuning.
+    """
+    batch_norms = [layer for layer in model.submodules if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in batch_norms]
+    trainable = [layer.trainable for layer in batch_norms]
+    try:
+        for layer in batch_norms:
+            layer.momentum, layer.trainable = 0.0, True
+        model(tf.convert_to_tensor(images, tf.float32), training=True)
+    finally:
+        for layer, momentum, was_trainable in zip(batch_norms, momenta, trainable, strict=True):
+            layer.momentum, layer.trainable = momentum, was_trainable
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -494,10 +518,10 @@ __all__ = [
     "qat_to_tflite",
     "quantize_model",
     "quantize_scope",
+    "reestimate_batch_norm",
     "run_tflite",
     "tensor_types",
     "undelegated_ops",
     "xnnpack_partitions",
 ]
 
-_ = Callable  # typing helper kept for signatures in docs

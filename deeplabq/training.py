@@ -138,7 +138,7 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
     pipeline = data_lib.input_pipeline(
         train_split, cfg.dataset, training=True, batch_size=int(train_cfg.batch_size), seed=int(cfg.seed)
     )
-    batches = iter(pipeline)
+    batches = data_lib.iterate(pipeline)
 
     start_step = 0
     latest = tf.train.latest_checkpoint(str(checkpoint_dir)) if cfg.resume else None
@@ -155,7 +155,7 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
     manager = tf.train.CheckpointManager(trainer.checkpoint(), str(checkpoint_dir), max_to_keep=2)
     quantized = quantize_at is not None and start_step >= quantize_at
 
-    window_start, window_images = time.perf_counter(), 0
+    window_start, window_images, window_losses = time.perf_counter(), 0, []
     for step in range(start_step, total_steps):
         if quantize_at is not None and not quantized and step >= quantize_at:
             model = quantize_fn(trainer.model, batches)
@@ -166,10 +166,11 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
         images, labels = next(batches)
         loss, total = trainer.train_step(images, labels)
         window_images += int(images.shape[0])
+        window_losses.append(loss)
         done = step + 1
         if done % int(train_cfg.log_every_steps) == 0 or done == total_steps:
             elapsed = time.perf_counter() - window_start
-            loss_value = float(loss)
+            loss_value = float(np.mean([float(v) for v in window_losses]))  # mean over the log window
             if not np.isfinite(loss_value):
                 raise FloatingPointError(f"training loss became {loss_value} at step {done}; "
                                          f"lower train.learning_rate (now {train_cfg.learning_rate})")
@@ -183,7 +184,7 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
                 step=done,
             )
             print(f"step {done}/{total_steps} loss {loss_value:.4f} ({window_images / max(elapsed, 1e-9):.1f} img/s)")
-            window_start, window_images = time.perf_counter(), 0
+            window_start, window_images, window_losses = time.perf_counter(), 0, []
         if done % int(train_cfg.checkpoint_every_steps) == 0 or done == total_steps:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             (checkpoint_dir / PHASE_FILE).write_text(json.dumps({"quantized": quantized}))
