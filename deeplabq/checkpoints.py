@@ -1,6 +1,6 @@
 """Weights in and out of a deeplabq model: official TF1 checkpoints, Keras ImageNet weights, previous runs.
 
-Four sources, one error type. Every loader first compares everything it would load with the model, and
+Three sources, one export, one error type. Every loader first compares everything it would load with the model, and
 only if all of it fits does it assign anything, so a failed load leaves the model as it was. A mismatch
 raises one :class:`CheckpointMismatchError` (a ``ValueError``) that names the source and lists every
 missing, unexpected and wrongly shaped variable.
@@ -291,8 +291,8 @@ def load_deeplab_tf1_checkpoint(
     name_map = tf1_name_map(model)
     wanted = {name: var for name, var in name_map.items() if not is_last(name)}
     skipped = sorted(name for name in name_map if is_last(name))
-    ignored = sorted(name for name in ckpt_shapes if is_tf1_ignored(name) or is_last(name))
-    available = {name: shape for name, shape in ckpt_shapes.items() if name not in set(ignored)}
+    ignored = {name for name in ckpt_shapes if is_tf1_ignored(name) or is_last(name)}
+    available = {name: shape for name, shape in ckpt_shapes.items() if name not in ignored}
 
     missing = sorted(set(wanted) - set(available))
     unexpected = sorted(set(available) - set(wanted))
@@ -309,7 +309,7 @@ def load_deeplab_tf1_checkpoint(
     values = {name: reader.get_tensor(name) for name in wanted}  # read all before assigning any
     for name, var in wanted.items():
         var.assign(np.asarray(values[name], dtype=var.dtype.as_numpy_dtype))
-    return LoadReport(source=source, loaded=sorted(wanted), skipped=skipped, ignored=ignored)
+    return LoadReport(source=source, loaded=sorted(wanted), skipped=skipped, ignored=sorted(ignored))
 
 
 def save_deeplab_tf1_checkpoint(model: keras.Model, prefix: str | os.PathLike) -> str:
@@ -342,7 +342,8 @@ def _short_name(weight_name: str) -> str:
 
 
 def _read_layered_h5(path: str) -> dict[str, dict[str, np.ndarray]]:
-    """Layer name -> {short weight name: value} of a tf_keras / Keras 2 HDF5 weights file."""
+    """Layer name -> {weight key (see _weight_keys): value} of a tf_keras / Keras 2 HDF5 weights file, in
+    the file's layer order."""
     import h5py
 
     def decode(values):
@@ -456,9 +457,8 @@ def load_keras_imagenet_weights(
     }
     if not model_layers:
         raise ValueError("The model has no MobileNetV2 backbone layers with keras.applications names")
-    alpha = depth_multiplier if depth_multiplier is not None else _keras_alpha(model)
-
     if isinstance(source, str) and source == "imagenet":
+        alpha = depth_multiplier if depth_multiplier is not None else _keras_alpha(model)
         if float(alpha) not in _KERAS_ALPHAS:
             raise ValueError(f"keras.applications has no ImageNet MobileNetV2 weights for alpha={alpha}")
         file_name = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_224_no_top.h5"
@@ -488,10 +488,12 @@ def load_keras_imagenet_weights(
         source_name = path
         source_layers = _read_layered_h5(path)
 
+    if depth_multiplier is None and "block_16_project" in model_layers:
+        depth_multiplier = round(model_layers["block_16_project"].filters / 320, 3)
     hints = [
         "keras.applications rounds every channel count to a multiple of 8, research/deeplab does not at "
         "depth multiplier != 1.0: set backbone.divisible_by=8 to use Keras weights; also check that the "
-        f"file's alpha equals backbone.depth_multiplier (the model's is {alpha})"
+        f"file's alpha equals backbone.depth_multiplier (the model's is {depth_multiplier})"
     ]
     loaded, ignored = _assign_by_layer_name(
         model_layers, source_layers, source_name, allowed_unused=KERAS_ONLY_LAYERS, kind="weights file",
@@ -591,6 +593,13 @@ def _compare_keys(model, expected: dict[str, tuple], found: dict[str, tuple], so
     if missing or unexpected or mismatched:
         hints = ["the run's model was built with another architecture (dataset.num_classes, backbone.*, "
                  "head.*, quantization): use the same config as that run"]
+        wrapped = lambda keys: any("/layer/" in k or k.endswith("optimizer_step") for k in keys)  # noqa: E731
+        if wrapped(found) and not wrapped(expected):
+            hints.append("the weights are of a quantization-aware (tfmot-wrapped) model: quantize the model "
+                         "(deeplabq.quantization.quantize_model) before loading")
+        elif wrapped(expected) and not wrapped(found):
+            hints.append("the weights are of a float model and this model is quantization-aware: load them "
+                         "into the float model, then quantize it")
         raise CheckpointMismatchError(
             source, missing=[_label(model, k) for k in missing], unexpected=unexpected, mismatched=mismatched,
             hints=hints, kind=kind,

@@ -172,7 +172,9 @@ def _separable_conv_bn_relu(x, filters, name, rate=1):
 def mobilenet_v2_backbone(x, spec: DeepLabSpec):
     """MobileNetV2 up to block 16 with dilation after ``output_stride``. Returns (features, layer outputs)."""
     divisor = spec.channel_divisor
-    depth = lambda channels: make_divisible(channels * spec.depth_multiplier, divisor, min_value=8)  # noqa: E731
+    # research/deeplab: min_depth 8 at dm 1.0, else 1; keras.applications: never below the divisor (8).
+    min_depth = 8 if spec.depth_multiplier == 1.0 or divisor == 8 else 1
+    depth = lambda channels: make_divisible(channels * spec.depth_multiplier, divisor, min_value=min_depth)  # noqa: E731
     first_filters = depth(32)
     x = keras.layers.Conv2D(first_filters, 3, strides=2, padding="same", use_bias=False, name="Conv1")(x)
     x = keras.layers.BatchNormalization(epsilon=BACKBONE_BN_EPSILON, momentum=0.999, name="bn_Conv1")(x)
@@ -191,8 +193,10 @@ def mobilenet_v2_backbone(x, spec: DeepLabSpec):
         out_channels = depth(channels)
         shortcut = x
         if expansion != 1:
-            # Both slim and Keras expand by exactly `expansion` x the block input.
-            x = keras.layers.Conv2D(in_channels * expansion, 1, use_bias=False, name=f"{prefix}expand")(x)
+            # slim's expand_input_by_factor rounds to a multiple of 8 (a no-op whenever the input width is one,
+            # as with keras.applications' rounding and research/deeplab at dm 1.0 and 0.5).
+            expanded = make_divisible(in_channels * expansion, 8)
+            x = keras.layers.Conv2D(expanded, 1, use_bias=False, name=f"{prefix}expand")(x)
             x = keras.layers.BatchNormalization(
                 epsilon=BACKBONE_BN_EPSILON, momentum=0.999, name=f"{prefix}expand_BN"
             )(x)

@@ -65,7 +65,7 @@ def evaluate_and_export(cfg: DictConfig, output_dir: Path, model, float_model, t
     max_images = cfg.eval.max_images
     metrics = evaluation.evaluate_keras(model, eval_split, cfg.dataset, max_images=max_images).metrics(
         list(eval_split.class_names), prefix="keras/")
-    if float_model is not model:
+    if float_model is not None and float_model is not model:
         metrics.update(evaluation.evaluate_keras(float_model, eval_split, cfg.dataset, max_images=max_images)
                        .metrics(list(eval_split.class_names), prefix="keras_float/"))
     tracking.log_metrics(metrics)

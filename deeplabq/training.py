@@ -17,7 +17,7 @@ from deeplabq import data as data_lib
 from deeplabq import tracking
 from deeplabq.config import validate_config
 from deeplabq.model import build_deeplab, spec_from_config
-from deeplabq.reporting import evaluate_and_export, print_summary
+from deeplabq.reporting import evaluate_and_export, planned_variants, print_summary
 from deeplabq.sources import CHECKPOINT_DIR, PHASE_FILE, resolve_source
 
 
@@ -50,11 +50,16 @@ def make_optimizer(train_cfg, start_step: int = 0):
     return optimizer
 
 
-def set_batch_norm_trainable(model: keras.Model, trainable: bool) -> None:
-    """fine_tune_batch_norm=false: BN layers run in inference mode with frozen statistics and affine."""
+def configure_batch_norm(model: keras.Model, trainable: bool, decay: float) -> None:
+    """fine_tune_batch_norm=false: BN layers run in inference mode with frozen statistics and affine.
+
+    ``decay`` is the moving-average momentum of the statistics: research/deeplab's 0.9997 suits 30k+ steps;
+    a short run needs less, or evaluation uses statistics that never left their initial values.
+    """
     for layer in _all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = trainable
+            layer.momentum = decay
 
 
 def _all_layers(model):
@@ -134,7 +139,7 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
     train_cfg = cfg.train
     total_steps = int(train_cfg.steps)
     checkpoint_dir = output_dir / CHECKPOINT_DIR
-    set_batch_norm_trainable(model, bool(train_cfg.fine_tune_batch_norm))
+    configure_batch_norm(model, bool(train_cfg.fine_tune_batch_norm), float(train_cfg.batch_norm_decay))
     pipeline = data_lib.input_pipeline(
         train_split, cfg.dataset, training=True, batch_size=int(train_cfg.batch_size), seed=int(cfg.seed)
     )
@@ -147,7 +152,7 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
         if phase.get("quantized") and quantize_fn is not None:
             model = quantize_fn(model, None)
         trainer = Trainer(model, cfg, 0)
-        trainer.checkpoint().restore(latest).expect_partial()
+        trainer.checkpoint().restore(latest).assert_existing_objects_matched()
         start_step = trainer.step
         print(f"resumed from {latest} at step {start_step}")
     else:
@@ -200,6 +205,9 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         keras.utils.set_random_seed(int(cfg.seed))
         train_split = data_lib.open_split(cfg.dataset, cfg.dataset.train_split)
         eval_split = data_lib.open_split(cfg.dataset, cfg.eval.split)
+        if "int8" in planned_variants(cfg) and int(cfg.quant.calibration_samples) > len(train_split):
+            raise ValueError(f"quant.calibration_samples={cfg.quant.calibration_samples} is larger than the "
+                             f"'{train_split.split}' split ({len(train_split)} images)")
         spec = spec_from_config(cfg)
         model = build_deeplab(spec)
         mode = cfg.quant.mode

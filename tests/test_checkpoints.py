@@ -381,3 +381,34 @@ def test_run_weights_mismatch_raises_and_keeps_the_model(small_tf1_checkpoint, s
     (tmp_path / "empty_run").mkdir()
     with pytest.raises(FileNotFoundError, match="No TF checkpoint in .*empty_run"):
         load_run_weights(other, tmp_path / "empty_run")
+
+
+@pytest.mark.slow
+def test_run_weights_of_a_quantization_aware_model(tmp_path):
+    """A second QAT model in one process names tfmot's input QuantizeLayer 'quantize_layer_1', which is in
+    its variables' checkpoint keys; such renamed variables still load (and everything else still must)."""
+    from deeplabq.quantization import quantize_model
+
+    spec = DeepLabSpec(num_classes=3, crop_size=(33, 33), depth_multiplier=0.35)
+    model_a = randomize(quantize_model(build_deeplab(spec)), seed=5)
+    for var in model_a.weights:  # keep the fake-quant ranges ordered and the step counters integral
+        if var.dtype != tf.float32:
+            var.assign(tf.zeros_like(var))
+        elif var.name.endswith(("_min:0", "_max:0")):
+            var.assign(tf.fill(var.shape, -3.0 if var.name.endswith("_min:0") else 3.0))
+    prefix = tf.train.Checkpoint(model=model_a).write(str(tmp_path / "checkpoints" / "ckpt-1"))
+    model_a.save_weights(str(tmp_path / "w.h5"))
+    x = images(spec.crop_size)
+    model_b = quantize_model(build_deeplab(spec))
+    for seed, source in enumerate((prefix, tmp_path / "w.h5")):
+        randomize(model_b, seed)
+        for var in model_b.weights:
+            if var.dtype != tf.float32:
+                var.assign(tf.ones_like(var))
+        load_run_weights(model_b, source)
+        assert_same_weights(weights_of(model_a), weights_of(model_b))
+        np.testing.assert_array_equal(model_b(x, training=False).numpy(), model_a(x, training=False).numpy())
+
+    float_model = build_deeplab(spec)
+    with pytest.raises(CheckpointMismatchError, match="quantize_model"):
+        load_run_weights(float_model, prefix)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One entry for a fresh machine with Python 3.11: sets up .venv (once, again when pyproject.toml changes),
+# then runs what you ask.
+#   bash dev.sh train [hydra overrides...]   the main job (embedded synthetic dataset, float + TFLite variants)
+#   bash dev.sh test [pytest args...]        the test suite (pytest)
+#   bash dev.sh python|evaluate|convert|mlflow ...
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.deeplabq-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e '.[test]'
+  echo "$want" > "$stamp"
+fi
+command=${1:-train}
+shift || true
+case "$command" in
+  train) exec .venv/bin/python train.py "$@" ;;
+  evaluate) exec .venv/bin/python evaluate.py "$@" ;;
+  convert) exec .venv/bin/python convert.py "$@" ;;
+  test) exec .venv/bin/python -m pytest -q "$@" ;;
+  python) exec .venv/bin/python "$@" ;;
+  mlflow) exec .venv/bin/mlflow "$@" ;;
+  *) echo "usage: bash dev.sh train|test|evaluate|convert|python|mlflow [args...]" >&2; exit 2 ;;
+esac

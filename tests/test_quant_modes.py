@@ -1,0 +1,127 @@
+"""Each quantization mode end to end at tiny size, and the bad inputs of quantized runs."""
+
+import numpy as np
+import pytest
+import tf_keras as keras
+from mlflow.tracking import MlflowClient
+
+from deeplabq.checkpoints import CheckpointMismatchError
+from deeplabq.config import ConfigError
+from deeplabq.data import open_split
+from deeplabq.export import ExportError
+from deeplabq.model import build_deeplab, spec_from_config
+from deeplabq.quantization_modes import start_quantization
+from deeplabq.reporting import export_and_measure
+from deeplabq.training import train
+
+from .conftest import TINY, compose_config, only_run, run_id_of
+
+
+@pytest.fixture(scope="module")
+def float_run(tmp_path_factory):
+    """A tiny float run that the QAT fine-tune and PTQ runs start from."""
+    tmp_path = tmp_path_factory.mktemp("float")
+    cfg = compose_config(tmp_path, [*TINY, "train.steps=16", "train.learning_rate=0.05"])
+    train(cfg, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _qat_wrapped(model) -> bool:
+    return any(type(layer).__name__.startswith("QuantizeWrapper") for layer in model.layers)
+
+
+def test_delayed_qat_switches_fake_quantization_on_at_the_delay(tmp_path):
+    cfg = compose_config(tmp_path, [*TINY, "quant=qat_delayed", "quant.delay_steps=6"])
+    metrics = train(cfg, tmp_path / "run")
+    run = only_run(tmp_path, status="FINISHED")
+    started = MlflowClient().get_metric_history(run.info.run_id, "quantization_started")
+    assert [m.step for m in started] == [6]
+    for key in ("qat_int8/miou", "qat_int8/size_bytes", "qat_int8/latency_ms_t1", "qat_int8/agreement", "miou"):
+        assert key in run.data.metrics, key
+    assert metrics["miou"] == metrics["qat_int8/miou"]
+    assert (tmp_path / "run" / "tflite" / "qat_int8.tflite").is_file()
+    assert run.info.run_name.endswith("qat_delayed-delay6")
+
+
+def test_before_the_delay_the_model_is_the_float_model_after_it_fake_quant_is_active(tmp_path):
+    cfg = compose_config(tmp_path, TINY)
+    float_model = build_deeplab(spec_from_config(cfg))
+    assert not _qat_wrapped(float_model)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 65, 65, 3)).astype(np.float32)
+    qat_model = start_quantization(float_model, iter([(images, None)] * 4), freeze_bn=True)
+    assert _qat_wrapped(qat_model)
+    float_out = float_model(images, training=False).numpy()
+    qat_out = qat_model(images, training=False).numpy()
+    # Same weights, so close; fake quantization makes them differ (it is on).
+    assert not np.allclose(float_out, qat_out, atol=1e-6)
+    assert np.corrcoef(float_out.ravel(), qat_out.ravel())[0, 1] > 0.9
+    bns = [layer for layer in qat_model.submodules if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and not any(layer.trainable for layer in bns)
+
+
+def test_qat_finetune_from_a_float_run(tmp_path, float_run):
+    cfg = compose_config(tmp_path, [*TINY, "quant=qat_finetune", f"quant.float_checkpoint={float_run}",
+                                    "train.steps=6"])
+    assert cfg.train.learning_rate == pytest.approx(3e-5) and cfg.quant.delay_steps == 0
+    metrics = train(cfg, tmp_path / "run")
+    run = only_run(tmp_path, status="FINISHED")
+    assert {"keras_float/miou", "qat_int8/miou", "qat_int8/size_bytes"} <= set(run.data.metrics)
+    assert metrics["qat_int8/agreement"] > 0.5
+    assert run.data.tags["deeplabq.float_checkpoint"].startswith("checkpoint")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "dynamic_range", "float16"])
+def test_ptq_from_a_float_run(tmp_path, float_run, scheme):
+    cfg = compose_config(tmp_path, [*TINY, "quant=ptq", f"quant.scheme={scheme}",
+                                    f"quant.float_checkpoint={run_id_of(float_run)}",
+                                    f"tracking.tracking_uri=sqlite:///{float_run.parent / 'mlflow.db'}"])
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["miou"] == metrics[f"{scheme}/miou"]
+    assert (tmp_path / "run" / "tflite" / f"{scheme}.tflite").is_file()
+    assert metrics[f"{scheme}/size_bytes"] < metrics["float/size_bytes"]
+    if scheme == "int8":
+        listed = (tmp_path / "run" / "calibration_images.txt").read_text().splitlines()
+        assert len(listed) == 4 and all(line.startswith("synthetic:train/") for line in listed)
+
+
+def test_qat_finetune_without_float_checkpoint_is_refused(tmp_path):
+    cfg = compose_config(tmp_path, [*TINY, "quant=qat_finetune"])
+    with pytest.raises(ConfigError, match="quant.float_checkpoint"):
+        train(cfg, tmp_path / "run")
+    only_run(tmp_path, status="FAILED")
+
+
+def test_ptq_of_a_checkpoint_from_another_architecture_lists_the_mismatch(tmp_path, float_run):
+    cfg = compose_config(tmp_path, [*TINY, "quant=ptq", "backbone=mnv2_dm100", f"quant.float_checkpoint={float_run}"])
+    with pytest.raises(CheckpointMismatchError, match="shape"):
+        train(cfg, tmp_path / "run")
+    only_run(tmp_path, status="FAILED")
+    assert not (tmp_path / "run" / "tflite").exists()
+
+
+def test_delay_beyond_training_is_refused(tmp_path):
+    cfg = compose_config(tmp_path, [*TINY, "quant=qat_delayed", "quant.delay_steps=12"])
+    with pytest.raises(ConfigError, match="quant.delay_steps=12"):
+        train(cfg, tmp_path / "run")
+
+
+def test_more_calibration_samples_than_the_split_is_refused_before_training(tmp_path):
+    cfg = compose_config(tmp_path, [*TINY, "export.ptq_variants=[int8]", "quant.calibration_samples=25"])
+    with pytest.raises(ValueError, match="quant.calibration_samples=25"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_failing_variant_keeps_the_others_and_names_itself(tmp_path):
+    import mlflow
+
+    cfg = compose_config(tmp_path, TINY)
+    model = build_deeplab(spec_from_config(cfg))
+    split = open_split(cfg.dataset, "val")
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    with mlflow.start_run():
+        with pytest.raises(ExportError, match="qat_int8"):
+            export_and_measure(cfg, tmp_path / "run", ["float", "qat_int8"], train_split=split, eval_split=split,
+                               float_model=model)
+    assert (tmp_path / "run" / "tflite" / "float.tflite").is_file()
+    assert not (tmp_path / "run" / "tflite" / "qat_int8.tflite").exists()
