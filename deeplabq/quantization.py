@@ -341,7 +341,12 @@ def _serving_function(model: keras.Model, output: str):
 
 
 def _converter(model: keras.Model, output: str) -> tf.lite.TFLiteConverter:
-    return tf.lite.TFLiteConverter.from_concrete_functions([_serving_function(model, output)], model)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([_serving_function(model, output)], model)
+    # By default the converter first writes the whole Keras model as a SavedModel, re-tracing every
+    # layer for serialization: 1-2 minutes for a tfmot model. Freezing the concrete function directly
+    # gives the same graph in seconds.
+    converter.experimental_lower_to_saved_model = False
+    return converter
 
 
 def _integer_io(converter, input_type: str, output: str) -> None:

@@ -29,10 +29,43 @@ def test_every_group_option_composes(tmp_path, primary, group, option):
     spec_from_config(cfg).validate()
 
 
-@pytest.mark.parametrize("experiment", [p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")])
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_composes_and_validates(tmp_path, experiment):
     cfg = compose_config(tmp_path, [f"experiment={experiment}"])
+    if cfg.quant.mode in ("qat_finetune", "ptq"):
+        with pytest.raises(ConfigError, match="quant.float_checkpoint"):
+            validate_config(cfg)  # presets that start from a float model say so until given one
+        cfg = compose_config(tmp_path, [f"experiment={experiment}", "quant.float_checkpoint=/runs/float"])
+    if cfg.init.source == "deeplab_checkpoint":
+        cfg = compose_config(tmp_path, [f"experiment={experiment}", "init.path=/ckpt/model.ckpt-200000"])
     validate_config(cfg)
+
+
+SEED_FLAGS = {
+    # quantize.md's fine-tune command line
+    "pascal_mnv2_qat_finetune": {"train.steps": 3000, "train.learning_rate": 3e-5, "dataset.crop_size": [513, 513],
+                                 "train.batch_size": 8, "backbone.output_stride": 16, "quant.delay_steps": 0,
+                                 "dataset.name": "pascal_voc_seg", "quant.mode": "qat_finetune"},
+    # MLPerf's train.py flags
+    "ade20k32_mlperf_float": {"train.optimizer": "adam", "train.learning_rate": 5e-6, "train.batch_size": 4,
+                              "dataset.crop_size": [512, 512], "head.decoder_output_stride": 4,
+                              "train.fine_tune_batch_norm": False, "init.initialize_last_layer": False,
+                              "dataset.num_classes": 32, "train.steps": 200000},
+    "ade20k32_mlperf_qat": {"train.learning_rate": 1e-6, "quant.freeze_bn": True, "quant.delay_steps": 0,
+                            "train.steps": 100000, "quant.mode": "qat_finetune"},
+    "ade20k32_mlperf_ptq": {"quant.calibration_samples": 500, "export.input_type": "uint8", "quant.scheme": "int8"},
+}
+
+
+@pytest.mark.parametrize("experiment", sorted(SEED_FLAGS))
+def test_seed_recipes_carry_the_seed_flags(tmp_path, experiment):
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(tmp_path, [f"experiment={experiment}"])
+    for key, value in SEED_FLAGS[experiment].items():
+        got = OmegaConf.select(cfg, key)
+        got = list(got) if not isinstance(got, (int, float, str, bool)) else got
+        assert got == pytest.approx(value) if isinstance(value, float) else got == value, (key, got, value)
 
 
 def test_quant_options_share_sweepable_keys():
