@@ -31,6 +31,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
+from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
+    default_8bit_quantize_registry as _registry,
+)
 
 from deeplabq.model import CUSTOM_OBJECTS, ResizeBilinear, native_dilated_convolutions
 
@@ -74,6 +77,49 @@ class OutputQuantizeConfig(NoOpQuantizeConfig):
         return [_quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False, narrow_range=False)]
 
 
+class DepthwiseKernelQuantizer(_quantizers.LastValueQuantizer):
+    """Per-channel fake quantization of a depthwise kernel ``(kh, kw, channels, multiplier)``.
+
+    tfmot's conv weight quantizer takes the LAST axis as the channel axis. For a depthwise kernel that is
+    the depth multiplier (1), so tfmot quantizes depthwise kernels per tensor
+    (tensorflow/model-optimization#808), while TFLite quantizes the BN-folded DEPTHWISE_CONV_2D kernel per
+    channel. The QAT model would train against a different (coarser) grid than the converted model runs:
+    the int8 file then disagrees with its QAT model as much as with the float model. Here the kernel is
+    viewed as ``(kh, kw, 1, channels * multiplier)`` -- TFLite's own depthwise layout -- and quantized per
+    output channel; a per-channel BN scale folded in later keeps values on the grid, so the converter's
+    kernel is exactly the QAT one.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(num_bits=8, per_axis=True, symmetric=True, narrow_range=True)
+
+    def build(self, tensor_shape, name, layer):
+        channels = int(tensor_shape[-2]) * int(tensor_shape[-1])
+        ranges = {}
+        for key, init in (("min_var", -6.0), ("max_var", 6.0)):
+            ranges[key] = layer.add_weight(
+                f"{name}_{key[:3]}", shape=(channels,), initializer=keras.initializers.Constant(init), trainable=False
+            )
+        return ranges
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        kh, kw, channels, multiplier = inputs.shape
+        flat = tf.reshape(inputs, (kh, kw, 1, channels * multiplier))
+        return tf.reshape(super().__call__(flat, training, weights, **kwargs), inputs.shape)
+
+    def get_config(self):
+        return {}
+
+
+@keras.utils.register_keras_serializable(package="deeplabq")
+class DepthwiseConvQuantizeConfig(_registry.Default8BitConvQuantizeConfig):
+    """tfmot's DepthwiseConv2D config (kernel + activation) with a truly per-channel kernel quantizer."""
+
+    def __init__(self, weight_attrs=("depthwise_kernel",), activation_attrs=("activation",), quantize_output=False):
+        super().__init__(list(weight_attrs), list(activation_attrs), quantize_output)
+        self.weight_quantizer = DepthwiseKernelQuantizer()
+
+
 # Layers that move values around without changing their range: in TFLite the int8 op has one scale for
 # input and output, so the QAT model must not put a separate fake-quant on their output.
 _SAME_SCALE_LAYERS = (ResizeBilinear, keras.layers.Dropout)
@@ -81,7 +127,13 @@ _SAME_SCALE_LAYERS = (ResizeBilinear, keras.layers.Dropout)
 
 def custom_objects() -> dict:
     """Everything needed to deserialize a QAT DeepLab model (use inside :func:`quantize_scope`)."""
-    return {**CUSTOM_OBJECTS, "NoOpQuantizeConfig": NoOpQuantizeConfig, "OutputQuantizeConfig": OutputQuantizeConfig}
+    return {
+        **CUSTOM_OBJECTS,
+        "NoOpQuantizeConfig": NoOpQuantizeConfig,
+        "OutputQuantizeConfig": OutputQuantizeConfig,
+        "DepthwiseConvQuantizeConfig": DepthwiseConvQuantizeConfig,
+        "DepthwiseKernelQuantizer": DepthwiseKernelQuantizer,
+    }
 
 
 def quantize_scope():
@@ -171,9 +223,23 @@ class _DeepLabLayoutTransform(_default_8bit.Default8BitQuantizeLayoutTransform):
         return transformed, layer_quantize_map
 
 
+class _DeepLabQuantizeRegistry(_default_8bit.Default8BitQuantizeRegistry):
+    """The default 8-bit registry with per-channel depthwise kernels (see DepthwiseKernelQuantizer).
+
+    Overriding the registry (rather than annotating DepthwiseConv2D layers with a custom config) keeps
+    tfmot's Conv+BN(+ReLU) transforms working: they skip any layer that carries a custom config."""
+
+    def __init__(self):
+        super().__init__()
+        self._layer_quantize_map[keras.layers.DepthwiseConv2D] = DepthwiseConvQuantizeConfig()
+
+
 class _DeepLabQuantizeScheme(_default_8bit.Default8BitQuantizeScheme):
     def get_layout_transformer(self):
         return _DeepLabLayoutTransform()
+
+    def get_quantize_registry(self):
+        return _DeepLabQuantizeRegistry()
 
 
 def _annotate(layer):

@@ -1,0 +1,79 @@
+"""The entry points as a user runs them (subprocesses): exit codes, messages, MLflow runs, sweeps."""
+
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from .conftest import ROOT, TINY, only_run
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(script: str, tmp_path, *overrides, expect: int = 0, output: str = "run"):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [sys.executable, str(ROOT / script), f"tracking.tracking_uri={store}",
+            f"tracking.artifact_location={tmp_path / 'mlartifacts'}", *overrides]
+    if "-m" not in overrides:
+        args.append(f"hydra.run.dir={tmp_path / output}")
+    else:
+        args.append(f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    done = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == expect, done.stderr[-3000:]
+    return done
+
+
+def test_impossible_value_exits_2_with_the_key_and_fails_the_run(tmp_path):
+    done = run_cli("train.py", tmp_path, *TINY, "backbone.output_stride=12", expect=2)
+    assert "deeplabq: error: backbone.output_stride must be one of (8, 16, 32), got 12" in done.stderr
+    assert "Traceback" not in done.stderr
+    only_run(tmp_path, status="FAILED")
+
+
+def test_unknown_config_key_is_refused(tmp_path):
+    done = run_cli("train.py", tmp_path, *TINY, "train.stepz=5", expect=1)
+    assert "stepz" in done.stderr
+
+
+def test_train_then_evaluate_tflite_and_run(tmp_path):
+    run_cli("train.py", tmp_path, *TINY)
+    tflite = tmp_path / "run" / "tflite" / "float.tflite"
+    assert tflite.is_file()
+    done = run_cli("evaluate.py", tmp_path, *TINY, f"source={tflite}", output="eval")
+    assert "mIoU" in done.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    evaluated = [r for r in runs if r.data.tags.get("deeplabq.task") == "evaluate"]
+    assert len(evaluated) == 1 and "float/miou" in evaluated[0].data.metrics
+    assert "float/latency_ms_t2" in evaluated[0].data.metrics
+
+
+def test_evaluate_refuses_a_truncated_tflite_file(tmp_path):
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes(b"TFL3" + b"\0" * 100)
+    done = run_cli("evaluate.py", tmp_path, *TINY, f"source={broken}", expect=2)
+    assert "broken.tflite is not a loadable TFLite model" in done.stderr
+    only_run(tmp_path, status="FAILED")
+
+
+def test_evaluate_refuses_an_unknown_run_id(tmp_path):
+    done = run_cli("evaluate.py", tmp_path, *TINY, "source=0123456789abcdef0123456789abcdef", expect=2)
+    assert "MLflow run '0123456789abcdef0123456789abcdef' does not exist" in done.stderr
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_delay_sweep_is_one_parent_run_with_a_child_per_job(tmp_path, launcher):
+    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    done = run_cli("train.py", tmp_path, "-m", *TINY, "quant=qat_delayed", "quant.delay_steps=0,6", *extra)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [r for r in runs if r.data.tags.get("deeplabq.sweep") == "parent"]
+    assert len(parents) == 1, [r.info.run_name for r in runs]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name.rsplit("-", 1)[-1] for r in children) == ["delay0", "delay6"]
+    assert all(r.info.status == "FINISHED" and "qat_int8/miou" in r.data.metrics for r in children)
+    assert parent.info.status == "FINISHED"
+    assert "sweep_summary.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "qat_int8: mIoU" in done.stdout
