@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras as keras
 
+from deeplabq import quantization
 from deeplabq.evaluation import TFLiteSegmenter
 from deeplabq.model import native_dilated_convolutions
 
@@ -64,8 +65,6 @@ def to_tflite(model: keras.Model, variant: str, *, output: str = "labels", input
     normalizes internally; int8; float32). Float variants always take float32 0..255 pixels.
     ``representative_images`` (iterable of HxWx3 float 0..255 arrays) is required for ``int8``.
     """
-    from deeplabq import quantization
-
     if variant not in VARIANTS:
         raise ValueError(f"unknown TFLite variant {variant!r}; choose from {VARIANTS}")
     if variant == "int8":

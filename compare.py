@@ -1,0 +1,33 @@
+"""Run a recipe's whole float-vs-quantized comparison and write its results table and plot.
+
+    python compare.py camvid                                   # dm 0.5: float (+PTQ), QAT fine-tune, delayed QAT
+    python compare.py camvid --depth-multipliers 0.5 1.0
+    python compare.py camvid -- train.steps=1000               # extra overrides for every stage
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from deeplabq.comparison import ROOT, run_comparison
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", help="recipe name (camvid)")
+    parser.add_argument("--depth-multipliers", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "compare", help="stage run directories")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where the table and plot go")
+    parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlflow.db'}")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every stage")
+    args = parser.parse_args()
+    try:
+        table = run_comparison(args.recipe, args.depth_multipliers, args.overrides, args.out.resolve(),
+                               args.tracking_uri, args.docs.resolve())
+    except ValueError as error:
+        sys.exit(f"compare: error: {error}")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""The float-vs-quantized comparison of a recipe, from one command (compare.py).
+
+Runs the recipe's stages in dependency order as ordinary train.py jobs (float first; QAT fine-tune starts from
+its checkpoint; delayed QAT trains on its own), under one MLflow parent run, then writes the results table
+and the mIoU-vs-latency / mIoU-vs-size plot. A stage whose metrics.json exists is not run again, so an
+interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = {
+    # stage name -> experiment preset; "float" must come first (the others depend on it)
+    "camvid": {"float": "camvid_float", "qat_finetune": "camvid_qat_finetune", "qat_delayed": "camvid_qat_delayed"},
+}
+BACKBONES = {0.5: "mnv2_dm050", 1.0: "mnv2_dm100"}
+
+
+def _stage_overrides(stage: str, float_dir: Path) -> list[str]:
+    return [f"quant.float_checkpoint={float_dir}"] if stage == "qat_finetune" else []
+
+
+def run_stage(preset: str, backbone: str, run_dir: Path, overrides: list[str], env: dict) -> dict:
+    """One train.py job; returns its metrics.json plus the wall time it took."""
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        print(f"[compare] {run_dir} already done, reusing its metrics")
+        return json.loads(metrics_file.read_text())
+    command = [sys.executable, str(ROOT / "train.py"), f"experiment={preset}", f"backbone={backbone}",
+               f"hydra.run.dir={run_dir}", *overrides]
+    print("[compare] " + " ".join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env=env)
+    metrics = json.loads(metrics_file.read_text())
+    metrics["wall_time_s"] = time.perf_counter() - start
+    metrics_file.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    return metrics
+
+
+def results_rows(stage_metrics: dict[str, dict], dm: float) -> list[dict]:
+    """One row per artifact: float and PTQ variants of the float run, then each QAT run's int8 file."""
+    rows = []
+    float_metrics = stage_metrics["float"]
+    for stage, metrics in stage_metrics.items():
+        artifacts = sorted({k.split("/")[0] for k in metrics if k.endswith("/size_bytes")},
+                           key=lambda a: ("float", "float16", "dynamic_range", "int8", "qat_int8").index(a))
+        for artifact in artifacts:
+            name = artifact if stage == "float" else f"{artifact} ({stage})"
+            rows.append({
+                "dm": dm, "artifact": name, "miou": metrics[f"{artifact}/miou"],
+                "delta": metrics[f"{artifact}/miou"] - float_metrics["float/miou"],
+                "size_bytes": metrics[f"{artifact}/size_bytes"],
+                "latency_t1": metrics[f"{artifact}/latency_ms_t1"], "latency_t2": metrics[f"{artifact}/latency_ms_t2"],
+                "speedup_t1": float_metrics["float/latency_ms_t1"] / metrics[f"{artifact}/latency_ms_t1"],
+                "speedup_t2": float_metrics["float/latency_ms_t2"] / metrics[f"{artifact}/latency_ms_t2"],
+                "stage_time_min": metrics.get("wall_time_s", float("nan")) / 60,
+            })
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| dm | artifact | mIoU (val) | Δ vs float | size | latency 1t (ms) | latency 2t (ms) "
+             "| speed-up 1t / 2t | stage time (min) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kib = r["size_bytes"] / 1024
+        size = f"{kib:.0f} KB" if kib < 1024 else f"{kib / 1024:.2f} MB"
+        lines.append(f"| {r['dm']} | {r['artifact']} | {100 * r['miou']:.2f} | {100 * r['delta']:+.2f} | {size} "
+                     f"| {r['latency_t1']:.1f} | {r['latency_t2']:.1f} | {r['speedup_t1']:.2f}x / {r['speedup_t2']:.2f}x "
+                     f"| {r['stage_time_min']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "latency_t1", "latency, 1 thread (ms)"), (axes[1], "size_bytes", "size (KB)")):
+        for r in rows:
+            x = r[key] / 1024 if key == "size_bytes" else r[key]
+            ax.scatter(x, 100 * r["miou"], marker="o" if r["dm"] == 0.5 else "s")
+            ax.annotate(f"{r['artifact']} dm{r['dm']}", (x, 100 * r["miou"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("mIoU on val (%)")
+        ax.grid(alpha=0.3)
+    fig.suptitle("CamVid: mIoU against latency and size, one point per TFLite artifact")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_comparison(recipe: str, depth_multipliers: list[float], overrides: list[str], out_dir: Path,
+                   tracking_uri: str, docs_dir: Path) -> str:
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
+    for dm in depth_multipliers:
+        if dm not in BACKBONES:
+            raise ValueError(f"--depth-multipliers: {dm} has no backbone option; choose from {sorted(BACKBONES)}")
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("deeplabq")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        "deeplabq", artifact_location=(ROOT / "mlartifacts").resolve().as_uri())
+    parent = client.create_run(experiment_id, run_name=f"compare {recipe} dm{depth_multipliers}",
+                               tags={"deeplabq.sweep": "parent", "deeplabq.recipe": recipe})
+    env = {**os.environ, "DEEPLABQ_PARENT_RUN_ID": parent.info.run_id}
+    rows = []
+    try:
+        for dm in depth_multipliers:
+            stage_metrics = {}
+            float_dir = out_dir / f"dm{dm}" / "float"
+            for stage, preset in RECIPES[recipe].items():
+                run_dir = out_dir / f"dm{dm}" / stage
+                stage_metrics[stage] = run_stage(preset, BACKBONES[dm], run_dir,
+                                                 [*_stage_overrides(stage, float_dir), *overrides], env)
+            rows += results_rows(stage_metrics, dm)
+        table = markdown_table(rows)
+        (docs_dir / f"{recipe}_results.md").parent.mkdir(parents=True, exist_ok=True)
+        (docs_dir / f"{recipe}_results.md").write_text(table + "\n")
+        (docs_dir / f"{recipe}_results.json").write_text(json.dumps(rows, indent=1))
+        plot(rows, docs_dir / f"{recipe}_results.png")
+        for name in ("md", "json", "png"):
+            client.log_artifact(parent.info.run_id, str(docs_dir / f"{recipe}_results.{name}"))
+    except BaseException:
+        client.set_terminated(parent.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(parent.info.run_id, status="FINISHED")
+    return table
