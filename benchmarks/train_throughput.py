@@ -5,8 +5,10 @@ One process measures everything, so the ratios are comparable:
 1. Float training of DeepLabv3 / MobileNetV2 (output stride 16, crop 513x513) at depth multiplier 0.5 and 1.0:
    images/s with the real CamVid training pipeline (``data.input_pipeline``, training augmentation) and with
    the same batches held in memory (``data.cached_pipeline``). Warm-up steps (tracing) are not timed; the
-   timed steps alternate in ``--rounds`` blocks (cached, pipeline, cached, ...) so drift hits both alike.
-   ``ratio = pipeline / cached`` (target >= 0.9). ``wait`` is the mean time per step spent in ``next()``.
+   timed steps alternate in blocks of ``--block`` steps (cached, pipeline, pipeline, cached, ...) so load
+   drift from other processes hits both alike. ``ratio`` = pipeline img/s / cached img/s (target >= 0.9);
+   ``med ratio`` compares median step times; ``cpu ratio`` compares process CPU seconds per image (all
+   threads), which other processes on the machine barely disturb. ``wait`` is the mean time in ``next()``.
 2. Peak RSS of the process (``ru_maxrss``, a running maximum over the whole process) after each model.
 3. Float TFLite (LiteRT) latency at 257x257 (dm 0.5) and 513x513 (dm 1.0) with 1 and 2 threads, XNNPACK
    partition count, and whether SPACE_TO_BATCH_ND is in the op histogram (it must not be).
@@ -140,38 +142,39 @@ def measure_input(split, cfg, batch_size: int, batches: int) -> dict[str, float]
     decode_ms = (time.perf_counter() - start) * 1000 / count
 
     pipeline = data_lib.input_pipeline(split, cfg.dataset, training=True, batch_size=batch_size, seed=int(cfg.seed))
-    start = time.perf_counter()
+    cpu_start, start = time.process_time(), time.perf_counter()
     iterator = iter(pipeline)
     for _ in range(batches):
         next(iterator)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     del iterator
     gc.collect()
-    return {"decode_ms": decode_ms, "input_only_ips": batches * batch_size / elapsed}
+    images = batches * batch_size  # (a few prefetched batches beyond these are charged too: an upper bound)
+    return {"decode_ms": decode_ms, "input_only_ips": images / elapsed, "input_cpu_ms": 1000 * cpu / images}
 
 
 # --------------------------------------------------------------------------------------------- training
 
 
-def _timed_steps(trainer, batches, count: int, label: str, first_step: int, total: int):
-    """Run ``count`` train steps; returns (seconds, images, seconds waiting in next())."""
-    seconds = images = wait = 0.0
+def _timed_steps(trainer, batches, count: int, label: str, first_step: int, total: int) -> list[dict]:
+    """Run ``count`` train steps; per step: wall seconds, process CPU seconds, seconds in next(), images."""
+    steps = []
     for i in range(count):
-        start = time.perf_counter()
+        cpu_start, start = time.process_time(), time.perf_counter()
         batch_images, batch_labels = next(batches)
         fetched = time.perf_counter()
         loss, _ = trainer.train_step(batch_images, batch_labels)
         loss = float(loss)  # the step has finished
-        end = time.perf_counter()
-        seconds += end - start
-        wait += fetched - start
-        images += int(batch_images.shape[0])
-        log(f"  {label} step {first_step + i + 1}/{total}: {end - start:6.2f} s "
-            f"(input wait {1000 * (fetched - start):6.1f} ms) loss {loss:.3f}")
-    return seconds, images, wait
+        end, cpu_end = time.perf_counter(), time.process_time()
+        steps.append({"wall": end - start, "cpu": cpu_end - cpu_start, "wait": fetched - start,
+                      "images": int(batch_images.shape[0])})
+        log(f"  {label:>8} step {first_step + i + 1}/{total}: {end - start:6.2f} s wall, {cpu_end - cpu_start:6.2f} s "
+            f"CPU, input wait {1000 * (fetched - start):6.1f} ms, loss {loss:.3f}")
+    return steps
 
 
 def measure_training(depth_multiplier: float, args, batch_size: int) -> dict:
+    import numpy as np
     import tf_keras as keras
 
     from deeplabq import data as data_lib
@@ -204,16 +207,16 @@ def measure_training(depth_multiplier: float, args, batch_size: int) -> dict:
     for _ in range(args.warmup):  # skip the warm-up batches, so the timed ones are the pipeline's timed ones
         next(cached)
 
-    totals = {"pipeline": [0.0, 0, 0.0], "cached": [0.0, 0, 0.0]}
-    done = {"pipeline": 0, "cached": 0}
-    per_round = [args.steps // args.rounds + (1 if r < args.steps % args.rounds else 0) for r in range(args.rounds)]
-    for count in per_round:
-        for name, batches in (("cached", cached), ("pipeline", pipeline)):
-            seconds, images, wait = _timed_steps(trainer, batches, count, name, done[name], args.steps)
-            totals[name][0] += seconds
-            totals[name][1] += images
-            totals[name][2] += wait
-            done[name] += count
+    # Alternate blocks of --block steps, swapping which source goes first, so load drift hits both alike.
+    # In steady state tf.data refills the batch taken by next() during that same train step, so no
+    # pipeline work leaks into the cached steps that follow.
+    steps = {"pipeline": [], "cached": []}
+    sources = {"pipeline": pipeline, "cached": cached}
+    for index, first in enumerate(range(0, args.steps, args.block)):
+        count = min(args.block, args.steps - first)
+        order = ("cached", "pipeline") if index % 2 == 0 else ("pipeline", "cached")
+        for name in order:
+            steps[name] += _timed_steps(trainer, sources[name], count, name, first, args.steps)
 
     result = {
         "depth_multiplier": depth_multiplier,
@@ -223,15 +226,21 @@ def measure_training(depth_multiplier: float, args, batch_size: int) -> dict:
         "rss_kb": rss_now_kb(),
         "params": model.count_params(),
     }
-    for name, (seconds, images, wait) in totals.items():
-        result[f"{name}_ips"] = images / seconds
-        result[f"{name}_step_s"] = seconds / args.steps
-        result[f"{name}_wait_ms"] = 1000 * wait / args.steps
+    for name, records in steps.items():
+        images = sum(r["images"] for r in records)
+        result[f"{name}_ips"] = images / sum(r["wall"] for r in records)
+        result[f"{name}_step_s"] = float(np.median([r["wall"] for r in records]))
+        result[f"{name}_cpu_per_image"] = sum(r["cpu"] for r in records) / images
+        result[f"{name}_wait_ms"] = 1000 * float(np.mean([r["wait"] for r in records]))
     result["ratio"] = result["pipeline_ips"] / result["cached_ips"]
+    result["ratio_median"] = result["cached_step_s"] / result["pipeline_step_s"]
+    result["ratio_cpu"] = result["cached_cpu_per_image"] / result["pipeline_cpu_per_image"]
 
-    del pipeline, cached, trainer, model
+    start = time.perf_counter()
+    del pipeline, cached, sources, trainer, model
     keras.backend.clear_session()
     gc.collect()
+    log(f"{label}: released the model and pipelines in {time.perf_counter() - start:.1f} s")
     return result
 
 
@@ -299,26 +308,33 @@ def report(machine, input_stats, training, tflite, args, runtime: float) -> str:
     out = ["", "=" * 100, "Machine"]
     out += [f"  {key:<15} {value}" for key, value in machine]
     out += ["", f"Training: DeepLabv3 MobileNetV2, OS 16, crop {args.crop}x{args.crop}, CamVid train augmentation, "
-                f"{args.steps} timed steps per source after {args.warmup} warm-up, {args.rounds} alternating rounds"]
+                f"{args.steps} timed steps per source after {args.warmup} warm-up, "
+                f"alternating every {args.block} step(s)"]
     if input_stats:
         out.append(f"  input alone (no model): PIL decode {input_stats['decode_ms']:.1f} ms/image (image+label), "
-                   f"pipeline {input_stats['input_only_ips']:.1f} img/s from a cold start")
-    rows = []
+                   f"pipeline {input_stats['input_only_ips']:.1f} img/s from a cold start, "
+                   f"{input_stats['input_cpu_ms']:.0f} ms CPU/image (decode + augmentation, all threads)")
+    rows, resources = [], []
     for r in training:
         rows.append([
-            f"{r['depth_multiplier']:.1f}", str(r["batch_size"]), f"{r['params'] / 1e6:.2f}M",
+            f"{r['depth_multiplier']:.1f}", str(r["batch_size"]),
             f"{r['pipeline_ips']:.3f}", f"{r['cached_ips']:.3f}", f"{r['ratio']:.3f}",
-            "ok" if r["ratio"] >= RATIO_TARGET else "LOW",
+            "ok" if r["ratio"] >= RATIO_TARGET else "LOW", f"{r['ratio_median']:.3f}", f"{r['ratio_cpu']:.3f}",
             f"{r['pipeline_step_s']:.2f}", f"{r['cached_step_s']:.2f}",
+            f"{r['pipeline_cpu_per_image']:.3f}", f"{r['cached_cpu_per_image']:.3f}",
             f"{r['pipeline_wait_ms']:.1f}", f"{r['cached_wait_ms']:.1f}",
-            f"{r['warmup_seconds']:.0f}",
-            f"{r['peak_rss_kb'] / 1024**2:.2f}", f"{r['rss_kb'] / 1024**2:.2f}",
+        ])
+        resources.append([
+            f"{r['depth_multiplier']:.1f}", str(r["batch_size"]), f"{r['params'] / 1e6:.2f}M",
+            f"{r['warmup_seconds']:.0f}", f"{r['peak_rss_kb'] / 1024**2:.2f}", f"{r['rss_kb'] / 1024**2:.2f}",
         ])
     if rows:
         out.append(table(
-            ["dm", "batch", "params", "pipe img/s", "cached img/s", "ratio", f">={RATIO_TARGET}",
-             "pipe s/step", "cached s/step", "pipe wait ms", "cached wait ms", "warm-up s",
-             "peak RSS GB", "RSS now GB"], rows))
+            ["dm", "batch", "pipe img/s", "cached img/s", "ratio", f">={RATIO_TARGET}", "med ratio", "cpu ratio",
+             "pipe med s/step", "cached med s/step", "pipe CPU s/img", "cached CPU s/img", "pipe wait ms",
+             "cached wait ms"], rows))
+        out.append("")
+        out.append(table(["dm", "batch", "params", "warm-up s", "peak RSS GB", "RSS now GB"], resources))
         out.append("  peak RSS = ru_maxrss after that model's measurement (a running maximum over the process)")
     if tflite:
         out += ["", f"Float TFLite (LiteRT, output=labels): {args.latency_runs} runs after {args.latency_warmup} "
@@ -345,7 +361,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per source (pipeline and cached)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (tracing)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating cached/pipeline blocks")
+    parser.add_argument("--block", type=int, default=1, help="consecutive steps per source before switching")
     parser.add_argument("--batch-size", type=int, default=8, help="largest batch to try (falls back to 4, 2)")
     parser.add_argument("--crop", type=int, default=513, help="training crop (square)")
     parser.add_argument("--depth-multipliers", type=float, nargs="+", default=[0.5, 1.0], choices=[0.5, 1.0])
@@ -356,8 +372,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-tflite", action="store_true")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1 or not 1 <= args.rounds <= args.steps:
-        parser.error("need --steps >= 1, --warmup >= 1 (the first step traces) and 1 <= --rounds <= --steps")
+    if args.steps < 1 or args.warmup < 1 or args.block < 1:
+        parser.error("need --steps >= 1, --block >= 1 and --warmup >= 1 (the first step traces)")
     return args
 
 
@@ -381,9 +397,9 @@ def main(argv=None) -> int:
         cfg = compose_config(1.0, args.crop, args.camvid_root)
         split = open_camvid_or_exit(cfg)
         log(f"CamVid train: {len(split)} images at {root}")
-        input_stats = measure_input(split, cfg, args.batch_size, batches=6)
+        input_stats = measure_input(split, cfg, args.batch_size, batches=8)
         log(f"input alone: decode {input_stats['decode_ms']:.1f} ms/image, "
-            f"pipeline {input_stats['input_only_ips']:.1f} img/s")
+            f"pipeline {input_stats['input_only_ips']:.1f} img/s, {input_stats['input_cpu_ms']:.0f} ms CPU/image")
         for dm in args.depth_multipliers:
             result = measure_training_with_fallback(dm, args)
             log(f"dm {dm}: pipeline {result['pipeline_ips']:.3f} img/s, cached {result['cached_ips']:.3f} img/s, "

@@ -75,8 +75,8 @@ def markdown_table(rows: list[dict]) -> str:
         kib = r["size_bytes"] / 1024
         size = f"{kib:.0f} KB" if kib < 1024 else f"{kib / 1024:.2f} MB"
         lines.append(f"| {r['dm']} | {r['artifact']} | {100 * r['miou']:.2f} | {100 * r['delta']:+.2f} | {size} "
-                     f"| {r['latency_t1']:.1f} | {r['latency_t2']:.1f} | {r['speedup_t1']:.2f}x / {r['speedup_t2']:.2f}x "
-                     f"| {r['stage_time_min']:.1f} |")
+                     f"| {r['latency_t1']:.1f} | {r['latency_t2']:.1f} "
+                     f"| {r['speedup_t1']:.2f}x / {r['speedup_t2']:.2f}x | {r['stage_time_min']:.1f} |")
     return "\n".join(lines)
 
 

@@ -145,11 +145,14 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
     )
     batches = data_lib.iterate(pipeline)
 
-    start_step = 0
+    start_step, quantized = 0, False
     latest = tf.train.latest_checkpoint(str(checkpoint_dir)) if cfg.resume else None
     if latest:
-        phase = json.loads((checkpoint_dir / PHASE_FILE).read_text()) if (checkpoint_dir / PHASE_FILE).exists() else {}
-        if phase.get("quantized") and quantize_fn is not None:
+        phase_file = checkpoint_dir / PHASE_FILE
+        quantized = bool(json.loads(phase_file.read_text()).get("quantized")) if phase_file.exists() else False
+        if quantized:
+            if quantize_fn is None:
+                raise ValueError(f"{latest} is a quantized checkpoint; resume it with its QAT quant mode")
             model = quantize_fn(model, None)
         trainer = Trainer(model, cfg, 0)
         trainer.checkpoint().restore(latest).assert_existing_objects_matched()
@@ -158,7 +161,6 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
     else:
         trainer = Trainer(model, cfg, 0)
     manager = tf.train.CheckpointManager(trainer.checkpoint(), str(checkpoint_dir), max_to_keep=2)
-    quantized = quantize_at is not None and start_step >= quantize_at
 
     window_start, window_images, window_losses = time.perf_counter(), 0, []
     for step in range(start_step, total_steps):

@@ -15,12 +15,11 @@ pytestmark = pytest.mark.slow
 
 def run_cli(script: str, tmp_path, *overrides, expect: int = 0, output: str = "run"):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = [sys.executable, str(ROOT / script), f"tracking.tracking_uri={store}",
-            f"tracking.artifact_location={tmp_path / 'mlartifacts'}", *overrides]
-    if "-m" not in overrides:
-        args.append(f"hydra.run.dir={tmp_path / output}")
-    else:
-        args.append(f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    multirun = "-m" in overrides
+    overrides = [o for o in overrides if o != "-m"]
+    args = [sys.executable, str(ROOT / script), *(["-m"] if multirun else []), f"tracking.tracking_uri={store}",
+            f"tracking.artifact_location={tmp_path / 'mlartifacts'}", *overrides,
+            f"hydra.sweep.dir={tmp_path / 'sweep'}" if multirun else f"hydra.run.dir={tmp_path / output}"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == expect, done.stderr[-3000:]
     return done
