@@ -121,8 +121,9 @@ def test_a_failing_variant_keeps_the_others_and_names_itself(tmp_path):
     cfg = compose_config(tmp_path, TINY)
     model = build_deeplab(spec_from_config(cfg))
     split = open_split(cfg.dataset, "val")
-    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
-    with mlflow.start_run():
+    from deeplabq.tracking import setup_mlflow
+
+    with mlflow.start_run(experiment_id=setup_mlflow(cfg.tracking)):
         with pytest.raises(ExportError, match="qat_int8"):
             export_and_measure(cfg, tmp_path / "run", ["float", "qat_int8"], train_split=split, eval_split=split,
                                float_model=model)
