@@ -1,54 +1,63 @@
 """8-bit quantization of DeepLab: QAT model (tfmot), range calibration, BN freezing, integer TFLite export.
 
-The goal is a TFLite file that XNNPACK runs as ONE integer partition: every tensor between the uint8
-input and the output is int8, and no QUANTIZE/DEQUANTIZE sits inside the graph. Three things in the
-float model (``deeplabq.model``) stand in the way, and are rewritten here in a weight-preserving clone
-(:func:`prepare_for_int8`) before quantization, for QAT and PTQ alike:
+Goal: a TFLite file that LiteRT's XNNPACK delegate runs as ONE integer partition -- every tensor between
+the uint8 input and the output is int8, no QUANTIZE/DEQUANTIZE inside. What stands in the way in the float
+model of ``deeplabq.model``, and what is done about it (in a weight-preserving clone,
+:func:`prepare_for_int8`, used by QAT and PTQ alike):
 
-* ``Rescaling('normalize')`` lowers to MUL + ADD. QAT only observes the ADD's output, so the MUL's output
-  has no range and stays float (a float island). It is replaced by a frozen 1x1 ``DepthwiseConv2D`` that
-  computes exactly ``x / 127.5 - 1``: one int8 DEPTHWISE_CONV_2D whose quantized weights are exact.
+* ``Rescaling('normalize')`` lowers to MUL + ADD. QAT can only fake-quantize the layer's output (the ADD),
+  so the MUL's output has no range and the converter leaves a float island around it. It is split into
+  two Rescaling layers (``x * s``, then ``+ o``), each with its own output range: int8 MUL + ADD.
 * The image-pooling ``AveragePooling2D`` over the whole map lowers to AVERAGE_POOL_2D, which XNNPACK
-  only delegates in float: in int8 it falls back to the TFLite kernel and splits the graph in two
-  XNNPACK partitions. ``GlobalAveragePooling2D(keepdims=True)`` is the same average and lowers to MEAN,
-  which XNNPACK runs in int8.
-* ``Concatenate`` in int8 needs every input on the output's scale, or the converter inserts
-  requantizing ops. The concat's inputs (through resizes and dropout, which keep the scale) therefore
-  get no fake quantization of their own: the concat's output range is the range of all of them.
+  delegates in float only: in int8 it runs on the TFLite kernel and cuts the graph into two XNNPACK
+  partitions. ``GlobalAveragePooling2D(keepdims=True)`` is the same average and lowers to MEAN, which
+  XNNPACK runs in int8.
+* An int8 CONCATENATION needs every input on the output's scale, or the converter inserts requantizing
+  ops. The layers feeding a concat (directly, or through resizes and dropout, which keep their input's
+  scale) therefore get no fake quantization of their own: the concat's output range covers them all.
 
-The remaining custom layers get explicit QuantizeConfigs, as the TF Model Garden QAT project does:
-``ResizeBilinear`` and ``Dropout`` keep their input's scale (no-op config: an interpolation cannot leave
-its input's range), and the whole-image mean quantizes its output.
+Layers the default 8-bit registry does not know get explicit QuantizeConfigs, as the TF Model Garden QAT
+project does (official/projects/qat/vision/quantization/configs.py): ``ResizeBilinear`` and ``Dropout``
+get a no-op config (an interpolation cannot leave its input's range, and TFLite's int8 RESIZE_BILINEAR has
+one scale for input and output). DepthwiseConv2D kernels get a truly per-channel quantizer (see
+:class:`DepthwiseKernelQuantizer`). Conv2D/DepthwiseConv2D + BatchNormalization (+ ReLU/ReLU6) keep
+tfmot's default transforms: no fake quant between conv, BN and ReLU, so the converter folds BN into the
+conv and fuses the ReLU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable
 
-import deeplabq  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
+from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer as _quantize_layer
 from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
     default_8bit_quantize_registry as _registry,
 )
 
+# (Importing deeplabq.quantization runs deeplabq/__init__ first: TF_USE_LEGACY_KERAS is set before TF loads.)
 from deeplabq.model import CUSTOM_OBJECTS, ResizeBilinear, native_dilated_convolutions
 
 _qk = tfmot.quantization.keras
 _quantizers = _qk.quantizers
 _default_8bit = _qk.default_8bit
 
+# The raw pixel range of the model input: a uint8 TFLite input with scale 1 and zero point 0.
+PIXEL_RANGE = (0.0, 255.0)
+
 
 # --------------------------------------------------------------------------------------------------------
-# QuantizeConfigs for layers the default 8-bit registry does not know.
+# QuantizeConfigs and quantizers.
 
 
 @keras.utils.register_keras_serializable(package="deeplabq")
 class NoOpQuantizeConfig(_qk.QuantizeConfig):
-    """No fake quantization at all: the output keeps the scale of the input (resize, dropout, concat inputs)."""
+    """No fake quantization: the output stays on its input's scale (resize, dropout, concat inputs)."""
 
     def get_weights_and_quantizers(self, layer):
         return []
@@ -71,23 +80,22 @@ class NoOpQuantizeConfig(_qk.QuantizeConfig):
 
 @keras.utils.register_keras_serializable(package="deeplabq")
 class OutputQuantizeConfig(NoOpQuantizeConfig):
-    """Fake-quantize only the output (weightless layers whose output range differs from the input's)."""
+    """Fake-quantize the output only (weightless layers whose output range differs from the input's)."""
 
     def get_output_quantizers(self, layer):
         return [_quantizers.MovingAverageQuantizer(num_bits=8, per_axis=False, symmetric=False, narrow_range=False)]
 
 
+@keras.utils.register_keras_serializable(package="deeplabq")
 class DepthwiseKernelQuantizer(_quantizers.LastValueQuantizer):
     """Per-channel fake quantization of a depthwise kernel ``(kh, kw, channels, multiplier)``.
 
-    tfmot's conv weight quantizer takes the LAST axis as the channel axis. For a depthwise kernel that is
-    the depth multiplier (1), so tfmot quantizes depthwise kernels per tensor
-    (tensorflow/model-optimization#808), while TFLite quantizes the BN-folded DEPTHWISE_CONV_2D kernel per
-    channel. The QAT model would train against a different (coarser) grid than the converted model runs:
-    the int8 file then disagrees with its QAT model as much as with the float model. Here the kernel is
-    viewed as ``(kh, kw, 1, channels * multiplier)`` -- TFLite's own depthwise layout -- and quantized per
-    output channel; a per-channel BN scale folded in later keeps values on the grid, so the converter's
-    kernel is exactly the QAT one.
+    tfmot's conv weight quantizer takes the LAST axis as channel axis. For a depthwise kernel that is the
+    depth multiplier (1), so tfmot quantizes depthwise kernels per tensor
+    (tensorflow/model-optimization#808) while TFLite quantizes the BN-folded DEPTHWISE_CONV_2D kernel per
+    channel: the QAT model would train against another, coarser grid than the int8 model runs. Here the
+    kernel is viewed as ``(kh, kw, 1, channels * multiplier)`` -- TFLite's depthwise layout -- and
+    quantized per output channel; folding a per-channel BN scale into it later keeps it on the grid.
     """
 
     def __init__(self, **kwargs):
@@ -95,17 +103,17 @@ class DepthwiseKernelQuantizer(_quantizers.LastValueQuantizer):
 
     def build(self, tensor_shape, name, layer):
         channels = int(tensor_shape[-2]) * int(tensor_shape[-1])
-        ranges = {}
-        for key, init in (("min_var", -6.0), ("max_var", 6.0)):
-            ranges[key] = layer.add_weight(
-                f"{name}_{key[:3]}", shape=(channels,), initializer=keras.initializers.Constant(init), trainable=False
+        return {
+            f"{end}_var": layer.add_weight(
+                f"{name}_{end}", shape=(channels,), initializer=keras.initializers.Constant(init), trainable=False
             )
-        return ranges
+            for end, init in (("min", -6.0), ("max", 6.0))
+        }
 
     def __call__(self, inputs, training, weights, **kwargs):
         kh, kw, channels, multiplier = inputs.shape
-        flat = tf.reshape(inputs, (kh, kw, 1, channels * multiplier))
-        return tf.reshape(super().__call__(flat, training, weights, **kwargs), inputs.shape)
+        per_channel = tf.reshape(inputs, (kh, kw, 1, channels * multiplier))
+        return tf.reshape(super().__call__(per_channel, training, weights, **kwargs), inputs.shape)
 
     def get_config(self):
         return {}
@@ -120,24 +128,23 @@ class DepthwiseConvQuantizeConfig(_registry.Default8BitConvQuantizeConfig):
         self.weight_quantizer = DepthwiseKernelQuantizer()
 
 
-# Layers that move values around without changing their range: in TFLite the int8 op has one scale for
-# input and output, so the QAT model must not put a separate fake-quant on their output.
+# Layers that only move values around: in TFLite their int8 op has one scale for input and output.
 _SAME_SCALE_LAYERS = (ResizeBilinear, keras.layers.Dropout)
 
 
 def custom_objects() -> dict:
-    """Everything needed to deserialize a QAT DeepLab model (use inside :func:`quantize_scope`)."""
+    """Everything needed to deserialize a QAT DeepLab model (``quantize_scope`` includes it)."""
     return {
         **CUSTOM_OBJECTS,
         "NoOpQuantizeConfig": NoOpQuantizeConfig,
         "OutputQuantizeConfig": OutputQuantizeConfig,
-        "DepthwiseConvQuantizeConfig": DepthwiseConvQuantizeConfig,
         "DepthwiseKernelQuantizer": DepthwiseKernelQuantizer,
+        "DepthwiseConvQuantizeConfig": DepthwiseConvQuantizeConfig,
     }
 
 
 def quantize_scope():
-    """``tfmot.quantization.keras.quantize_scope`` with our custom layers and configs (for load_model)."""
+    """``tfmot.quantization.keras.quantize_scope`` plus our layers and configs (for load_model/clone)."""
     return _qk.quantize_scope(custom_objects())
 
 
@@ -145,42 +152,63 @@ def quantize_scope():
 # Integer-friendly float model.
 
 
-def _is_global_average_pool(layer) -> bool:
-    if not isinstance(layer, keras.layers.AveragePooling2D):
-        return False
-    spatial = tuple(layer.input_shape[1:3])
-    return tuple(layer.pool_size) == spatial and layer.padding == "valid"
+def _is_whole_map_average_pool(layer) -> bool:
+    return (
+        isinstance(layer, keras.layers.AveragePooling2D)
+        and tuple(layer.pool_size) == tuple(layer.input_shape[1:3])
+        and layer.padding == "valid"
+    )
 
 
 def prepare_for_int8(float_model: keras.Model) -> keras.Model:
-    """Clone of ``float_model`` with the same outputs whose int8 TFLite graph is one XNNPACK partition.
+    """Rebuild ``float_model`` (same weights, same float outputs) so its int8 graph is one XNNPACK partition.
 
-    Rewrites (same layer names, same float results, weights copied):
-    ``Rescaling`` -> frozen 1x1 ``DepthwiseConv2D`` (one int8 op instead of MUL+ADD with a float middle);
-    whole-map ``AveragePooling2D`` -> ``GlobalAveragePooling2D(keepdims=True)`` (MEAN: int8 in XNNPACK,
-    AVERAGE_POOL_2D is not).
+    * ``Rescaling(s, o)`` -> ``Rescaling(s)`` named ``<name>_scale`` then ``Rescaling(1, o)`` named
+      ``<name>``: the same MUL and ADD, but now the MUL's output is a layer output that QAT can give a
+      range (int8 MUL and ADD run in XNNPACK; a single op such as a 1x1 depthwise conv is 10x slower there
+      with 3 channels).
+    * whole-map ``AveragePooling2D`` -> ``GlobalAveragePooling2D(keepdims=True)``: MEAN instead of
+      AVERAGE_POOL_2D, which XNNPACK runs in float only.
+
+    Done on the functional config, so every other layer, name and connection stays as it is. Idempotent.
     """
-    normalize_weights = {}
-
-    def replace(layer):
-        if isinstance(layer, keras.layers.Rescaling):
-            channels = layer.input_shape[-1]
-            kernel = np.broadcast_to(np.float32(layer.scale), (channels,)).reshape(1, 1, channels, 1)
-            bias = np.broadcast_to(np.float32(layer.offset), (channels,))
-            normalize_weights[layer.name] = [kernel.copy(), bias.copy()]
-            return keras.layers.DepthwiseConv2D(1, use_bias=True, trainable=False, name=layer.name)
-        if _is_global_average_pool(layer):
-            return keras.layers.GlobalAveragePooling2D(keepdims=True, name=layer.name)
-        return layer.__class__.from_config(layer.get_config())
-
-    with keras.utils.custom_object_scope(CUSTOM_OBJECTS):
-        clone = keras.models.clone_model(float_model, clone_function=replace)
-    for layer in clone.layers:
-        if layer.name in normalize_weights:
-            layer.set_weights(normalize_weights[layer.name])
-        elif layer.weights:
+    config = float_model.get_config()
+    layers = []
+    for entry in config["layers"]:
+        layer = float_model.get_layer(entry["name"])
+        if isinstance(layer, keras.layers.Rescaling) and (layer.scale != 1.0 and layer.offset != 0.0):
+            scale_name = f"{layer.name}_scale"
+            layers.append(
+                {
+                    **entry,
+                    "name": scale_name,
+                    "config": {**entry["config"], "name": scale_name, "offset": 0.0},
+                }
+            )
+            entry = {
+                **entry,
+                "config": {**entry["config"], "scale": 1.0},
+                "inbound_nodes": [[[scale_name, 0, 0, {}]]],
+            }
+        elif _is_whole_map_average_pool(layer):
+            entry = {
+                **entry,
+                "class_name": "GlobalAveragePooling2D",
+                "config": {
+                    "name": layer.name,
+                    "trainable": layer.trainable,
+                    "dtype": entry["config"]["dtype"],
+                    "data_format": "channels_last",
+                    "keepdims": True,
+                },
+            }
+        layers.append(entry)
+    with keras.utils.custom_object_scope(custom_objects()):
+        prepared = keras.Model.from_config({**config, "layers": layers})
+    for layer in prepared.layers:
+        if layer.weights:
             layer.set_weights(float_model.get_layer(layer.name).get_weights())
-    return clone
+    return prepared
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -188,7 +216,7 @@ def prepare_for_int8(float_model: keras.Model) -> keras.Model:
 
 
 def _inbound_layers(layer) -> list:
-    return [] if not layer._inbound_nodes else list(tf.nest.flatten(layer._inbound_nodes[0].inbound_layers))
+    return list(tf.nest.flatten(layer._inbound_nodes[0].inbound_layers)) if layer._inbound_nodes else []
 
 
 def _consumers(layer) -> list:
@@ -196,10 +224,10 @@ def _consumers(layer) -> list:
 
 
 def _concat_input_producers(model: keras.Model) -> list[str]:
-    """Names of the weightless layers whose output reaches a Concatenate only through same-scale layers.
+    """Weightless layers whose only output path reaches a Concatenate through same-scale layers.
 
-    Their outputs live on the concat's scale in TFLite, so they must not have fake-quant ranges of their
-    own (that would force a requantization in front of the CONCATENATION)."""
+    In TFLite their outputs are on the concat's scale, so they must not get fake-quant ranges of their
+    own (those would force a requantization in front of the CONCATENATION)."""
     names = []
     for concat in model.layers:
         if not isinstance(concat, keras.layers.Concatenate):
@@ -213,8 +241,8 @@ def _concat_input_producers(model: keras.Model) -> list[str]:
 
 
 class _DeepLabLayoutTransform(_default_8bit.Default8BitQuantizeLayoutTransform):
-    """tfmot's default layout transforms (Conv/DepthwiseConv + BN (+ReLU) folding patterns, input quantize,
-    concat handling), then: producers feeding a Concatenate through resizes keep the concat's scale."""
+    """tfmot's default transforms (input quantize, Conv/DepthwiseConv + BN (+ReLU) patterns, concat),
+    then the concat inputs lose their own output quantizers (see _concat_input_producers)."""
 
     def apply(self, model, layer_quantize_map):
         transformed, layer_quantize_map = super().apply(model, layer_quantize_map)
@@ -224,10 +252,9 @@ class _DeepLabLayoutTransform(_default_8bit.Default8BitQuantizeLayoutTransform):
 
 
 class _DeepLabQuantizeRegistry(_default_8bit.Default8BitQuantizeRegistry):
-    """The default 8-bit registry with per-channel depthwise kernels (see DepthwiseKernelQuantizer).
-
-    Overriding the registry (rather than annotating DepthwiseConv2D layers with a custom config) keeps
-    tfmot's Conv+BN(+ReLU) transforms working: they skip any layer that carries a custom config."""
+    """Default 8-bit registry with per-channel depthwise kernels. Overriding the registry, rather than
+    annotating DepthwiseConv2D layers with a config, keeps tfmot's Conv+BN(+ReLU) transforms working:
+    they skip every layer that carries a custom config."""
 
     def __init__(self):
         super().__init__()
@@ -242,30 +269,45 @@ class _DeepLabQuantizeScheme(_default_8bit.Default8BitQuantizeScheme):
         return _DeepLabQuantizeRegistry()
 
 
+def _freeze(wrapper) -> None:
+    """``trainable = False`` for a layer, also when it sits in a tfmot QuantizeWrapper.
+
+    QuantizeWrapperV2 copies its layer's trainable weights into its own trainable list when it is built,
+    so ``layer.trainable = False`` alone leaves them in the model's trainable variables. Taking them out
+    of that list (they stay in the layer's non-trainable weights) keeps the order of ``wrapper.weights``,
+    hence of saved weights, unchanged."""
+    layer = getattr(wrapper, "layer", wrapper)
+    layer.trainable = False
+    if layer is not wrapper:
+        for weight in layer.weights:
+            if any(weight is w for w in wrapper._trainable_weights):
+                wrapper._trainable_weights.remove(weight)
+
+
 def _annotate(layer):
-    """Mark every layer for quantization; layers outside the default registry get an explicit config."""
-    if isinstance(layer, keras.layers.InputLayer):
-        return layer
+    """Mark a layer for quantization. Registry layers get no config, so tfmot's transforms see them; the
+    others get one. Every layer is annotated, so nothing stays float by accident."""
     config = None
     if isinstance(layer, _SAME_SCALE_LAYERS):
         config = NoOpQuantizeConfig()
+    elif isinstance(layer, keras.layers.Rescaling):
+        config = OutputQuantizeConfig()
     return _qk.quantize_annotate_layer(layer.__class__.from_config(layer.get_config()), config)
 
 
 def quantize_model(float_model: keras.Model) -> keras.Model:
-    """QAT model of a float DeepLab model: fake quantization where TFLite int8 quantizes, weights copied.
+    """QAT model (tfmot fake quantization where TFLite int8 quantizes) of a float DeepLab model.
 
-    The model is first rewritten by :func:`prepare_for_int8`. Conv2D/DepthwiseConv2D + BatchNormalization
-    (+ ReLU) keep tfmot's default pattern (no fake quant between conv, BN and ReLU; weights per channel),
-    so the converter folds BN and fuses ReLU/ReLU6 into the conv. Fake-quant ranges start at tfmot's
-    [-6, 6]: call :func:`calibrate_activation_ranges` before training or converting.
+    The model is first rebuilt by :func:`prepare_for_int8`; weights and BN statistics are copied from
+    ``float_model``, and layer ``x`` becomes wrapper ``quant_x``. The fake-quant ranges start at tfmot's
+    [-6, 6] (activations) and unset weight ranges: call :func:`calibrate_activation_ranges` before
+    training, evaluating or converting.
     """
     prepared = prepare_for_int8(float_model)
     with quantize_scope():
         annotated = keras.models.clone_model(prepared, clone_function=_annotate)
         annotated.set_weights(prepared.get_weights())
-        qat = _qk.quantize_apply(annotated, scheme=_DeepLabQuantizeScheme())
-    return qat
+        return _qk.quantize_apply(annotated, scheme=_DeepLabQuantizeScheme())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -274,20 +316,22 @@ def quantize_model(float_model: keras.Model) -> keras.Model:
 
 @contextlib.contextmanager
 def _observing_quantizers(observed: dict):
-    """While open, activation quantizers record the range of what they see and let it through unquantized,
-    and weight quantizers take their range from the current weights (what a training step would do)."""
-    moving_call = _quantizers.MovingAverageQuantizer.__call__
-    all_values_call = _quantizers.AllValuesQuantizer.__call__
-    last_value_call = _quantizers.LastValueQuantizer.__call__
+    """While open, activation quantizers record the range of what they see and pass it on unquantized,
+    and weight quantizers set their range from the current weights (as a training step does)."""
+    originals = {
+        cls: cls.__call__
+        for cls in (_quantizers.MovingAverageQuantizer, _quantizers.AllValuesQuantizer, _quantizers.LastValueQuantizer)
+    }
 
     def observe(self, inputs, training, weights, **kwargs):
-        entry = observed.setdefault(id(weights["min_var"]), {"vars": weights, "mins": [], "maxs": [], "kind": type(self)})
-        entry["mins"].append(float(tf.reduce_min(inputs)))
-        entry["maxs"].append(float(tf.reduce_max(inputs)))
+        entry = observed.setdefault(id(weights["min_var"]), {"vars": weights, "mins": [], "maxs": []})
+        axes = None if weights["min_var"].shape.rank == 0 else list(range(inputs.shape.rank - 1))
+        entry["mins"].append(tf.reduce_min(inputs, axis=axes).numpy())
+        entry["maxs"].append(tf.reduce_max(inputs, axis=axes).numpy())
         return inputs
 
     def weights_from_last_value(self, inputs, training, weights, **kwargs):
-        return last_value_call(self, inputs, True, weights, **kwargs)
+        return originals[_quantizers.LastValueQuantizer](self, inputs, True, weights, **kwargs)
 
     _quantizers.MovingAverageQuantizer.__call__ = observe
     _quantizers.AllValuesQuantizer.__call__ = observe
@@ -295,41 +339,45 @@ def _observing_quantizers(observed: dict):
     try:
         yield
     finally:
-        _quantizers.MovingAverageQuantizer.__call__ = moving_call
-        _quantizers.AllValuesQuantizer.__call__ = all_values_call
-        _quantizers.LastValueQuantizer.__call__ = last_value_call
+        for cls, call in originals.items():
+            cls.__call__ = call
 
 
 def calibrate_activation_ranges(qat_model: keras.Model, batches: Iterable) -> dict[str, tuple[float, float]]:
-    """Set every fake-quant range of ``qat_model`` from float activations on ``batches`` (images 0..255).
+    """Set the fake-quant ranges of ``qat_model`` from its float activations on ``batches`` (N,H,W,3 in 0..255).
 
-    tfmot's moving-average ranges start at [-6, 6] and move 0.1% per training step, so a freshly quantized
-    model (QAT fine-tuning, or delayed QAT switching on at ``delay_steps``) would clip or waste most of
-    its 8 bits for thousands of steps. Here each batch runs in inference mode (BN moving statistics,
-    no dropout) with fake quantization off; activation ranges become the mean over batches of the batch
-    min/max (the value the 0.999 EMA converges to), the input's range the overall min/max (tfmot's
-    AllValuesQuantizer), and weight ranges the current weights' per-channel min/max. Returns
-    ``{variable name: (min, max)}`` of the activation ranges.
+    tfmot's moving-average ranges start at [-6, 6] and move 0.1% per training step (EMA decay 0.999), so
+    a freshly quantized model -- QAT fine-tuning, or delayed QAT switching on at ``delay_steps`` -- would
+    clip or waste most of its 8 bits for thousands of steps. Each batch runs eagerly in inference mode
+    (BN moving statistics, no dropout) with fake quantization off. Activation ranges become the mean over
+    batches of the batch min/max (what the EMA converges to), the input range is pinned to the pixel range
+    [0, 255] (uint8 input with scale 1, zero point 0), and weight ranges are the current weights' (per
+    channel) min/max. Returns ``{min variable name: (min, max)}`` of the activation ranges.
     """
     observed: dict = {}
     with _observing_quantizers(observed):
         for batch in batches:
-            qat_model(tf.convert_to_tensor(batch, tf.float32), training=False)
+            qat_model(tf.cast(batch, tf.float32), training=False)
     if not observed:
-        raise ValueError("no batches given, or the model has no activation quantizers")
+        raise ValueError("calibrate_activation_ranges needs at least one batch")
+    input_ranges = {
+        id(layer.quantizer_vars["min_var"])
+        for layer in qat_model.layers
+        if isinstance(layer, _quantize_layer.QuantizeLayer) and layer.quantizer is not None
+    }
     ranges = {}
-    for entry in observed.values():
-        if entry["kind"] is _quantizers.AllValuesQuantizer:
-            low, high = min(entry["mins"]), max(entry["maxs"])
+    for key, entry in observed.items():
+        if key in input_ranges:
+            low, high = np.float32(PIXEL_RANGE[0]), np.float32(PIXEL_RANGE[1])
         else:
-            low, high = float(np.mean(entry["mins"])), float(np.mean(entry["maxs"]))
-        # TFLite needs 0 inside every range (zero padding and ReLU zeros must be exact).
-        low, high = min(low, 0.0), max(high, 0.0)
-        if high - low < 1e-6:
-            high = low + 1e-6
-        entry["vars"]["min_var"].assign(tf.fill(entry["vars"]["min_var"].shape, low))
-        entry["vars"]["max_var"].assign(tf.fill(entry["vars"]["max_var"].shape, high))
-        ranges[entry["vars"]["min_var"].name] = (low, high)
+            low, high = np.mean(entry["mins"], axis=0), np.mean(entry["maxs"], axis=0)
+        # TFLite needs 0 exactly representable (zero padding, ReLU), so every range contains it.
+        low, high = np.minimum(low, 0.0), np.maximum(high, 0.0)
+        high = np.maximum(high, low + 1e-6)
+        min_var, max_var = entry["vars"]["min_var"], entry["vars"]["max_var"]
+        min_var.assign(np.broadcast_to(low, min_var.shape).astype(np.float32))
+        max_var.assign(np.broadcast_to(high, max_var.shape).astype(np.float32))
+        ranges[min_var.name] = (float(np.min(low)), float(np.max(high)))
     return ranges
 
 
@@ -337,61 +385,70 @@ def calibrate_activation_ranges(qat_model: keras.Model, batches: Iterable) -> di
 # Batch-norm statistics.
 
 
+def _batch_norm_layers(model: keras.Model) -> list[tuple]:
+    """``(layer as in model.layers, BatchNormalization layer)`` pairs of a float or QAT model."""
+    pairs = [(layer, getattr(layer, "layer", layer)) for layer in model.layers]
+    return [(outer, inner) for outer, inner in pairs if isinstance(inner, keras.layers.BatchNormalization)]
+
+
+def freeze_batch_norm(model: keras.Model, *, freeze_scale_offset: bool = False) -> int:
+    """Freeze the moving mean/variance of every BatchNormalization layer (MLPerf: freeze_bn_delay = quant_delay).
+
+    Frozen BN normalizes with its moving statistics in training steps too and stops updating them, so
+    small QAT batches cannot disturb the statistics the folded int8 weights are made of.
+
+    ``layer.trainable = False`` does exactly that in tf_keras: a non-trainable BN layer runs in inference
+    mode whatever ``training`` says, also inside a tfmot QuantizeWrapper (which passes ``training`` on to
+    ``layer.call``). What happens to gamma/beta differs: a QuantizeWrapperV2 copied them into its own
+    trainable list when it was built, so in a QAT model they keep training -- TF1 contrib.quantize's
+    freeze_bn_delay semantics -- unless ``freeze_scale_offset=True`` takes them out too; a plain (float)
+    BN layer freezes them with its statistics.
+
+    Re-trace the train step afterwards (Keras caches the trainable variables of a traced step) and call it
+    again after rebuilding or reloading the model. Returns the number of BN layers frozen.
+    """
+    pairs = _batch_norm_layers(model)
+    for outer, layer in pairs:
+        if freeze_scale_offset:
+            _freeze(outer)
+        else:
+            layer.trainable = False
+    return len(pairs)
+
+
 def reestimate_batch_norm(model: keras.Model, images) -> None:
-    """Set every BN layer's moving mean/variance to the statistics of ``images`` (one batch, 0..255).
+    """Set every BN layer's moving mean/variance of a FLOAT model to the statistics of ``images`` (0..255).
 
     One training-mode forward pass with momentum 0: each BN normalizes with, and stores, the batch
-    statistics of its input as produced by the already re-estimated layers before it, so inference
-    afterwards reproduces the pass. Useful to give randomly initialised models realistic activation
-    scales (tests, benchmarks) or to refresh statistics after fine-tuning.
+    statistics of its input as produced by the already re-estimated layers before it, so inference then
+    reproduces that pass. Gives randomly initialised models realistic activation scales (tests and
+    benchmarks); also a way to refresh statistics after fine-tuning. (On a QAT model the pass would also
+    move the fake-quant ranges.)
     """
-    batch_norms = [layer for layer in model.submodules if isinstance(layer, keras.layers.BatchNormalization)]
-    momenta = [layer.momentum for layer in batch_norms]
-    trainable = [layer.trainable for layer in batch_norms]
+    layers = [layer for _, layer in _batch_norm_layers(model)]
+    saved = [(layer.momentum, layer.trainable) for layer in layers]
     try:
-        for layer in batch_norms:
+        for layer in layers:
             layer.momentum, layer.trainable = 0.0, True
-        model(tf.convert_to_tensor(images, tf.float32), training=True)
+        model(tf.cast(images, tf.float32), training=True)
     finally:
-        for layer, momentum, was_trainable in zip(batch_norms, momenta, trainable, strict=True):
-            layer.momentum, layer.trainable = momentum, was_trainable
-
-
-# --------------------------------------------------------------------------------------------------------
-# Batch-norm freezing.
-
-
-def freeze_batch_norm(model: keras.Model) -> int:
-    """Freeze the statistics (and scale/offset) of every BatchNormalization layer, wrapped or not.
-
-    In tf_keras, ``trainable = False`` on a BatchNormalization layer makes it run in inference mode even
-    when called with ``training=True``: it normalizes with, and stops updating, its moving mean/variance
-    (MLPerf's freeze_bn_delay = quant_delay: small QAT batches would otherwise ruin the statistics the
-    folded int8 weights are built from). Inside a tfmot QuantizeWrapper the BN layer is ``wrapper.layer``;
-    the wrapper itself stays trainable so its quantizer variables keep updating. Recompile the model
-    (or rebuild the train step) afterwards, since Keras caches trainable variables. Returns the number
-    of BN layers frozen.
-    """
-    frozen = 0
-    for layer in model.submodules:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.trainable = False
-            frozen += 1
-    return frozen
+        for layer, (momentum, trainable) in zip(layers, saved, strict=True):
+            layer.momentum, layer.trainable = momentum, trainable
 
 
 # --------------------------------------------------------------------------------------------------------
 # TFLite export.
 
-_INPUT_TYPES = {"uint8": tf.uint8, "float32": tf.float32}
+_INPUT_TYPES = {"uint8": tf.uint8, "int8": tf.int8, "float32": tf.float32}
 _OUTPUTS = ("labels", "logits")
 
 
 def _serving_function(model: keras.Model, output: str):
-    """Concrete function image -> logits or labels, traced with native dilated depthwise convolutions.
+    """Concrete function image (1,H,W,3 float 0..255) -> logits or labels, traced for the converter.
 
-    ``labels`` puts ArgMax inside the graph (int32: TFLite's ARG_MAX writes int32 directly; a uint8 label
-    map would need an extra CAST pass over the full-resolution output)."""
+    Traced inside ``native_dilated_convolutions()`` so each dilated depthwise conv is one
+    DEPTHWISE_CONV_2D. ``labels`` puts the ArgMax inside the graph as int32: TFLite's ARG_MAX writes
+    int32 directly, a uint8 label map costs an extra CAST pass over the full-resolution output."""
     if output not in _OUTPUTS:
         raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
     height, width, channels = model.input_shape[1:]
@@ -408,38 +465,47 @@ def _serving_function(model: keras.Model, output: str):
 
 def _converter(model: keras.Model, output: str) -> tf.lite.TFLiteConverter:
     converter = tf.lite.TFLiteConverter.from_concrete_functions([_serving_function(model, output)], model)
-    # By default the converter first writes the whole Keras model as a SavedModel, re-tracing every
-    # layer for serialization: 1-2 minutes for a tfmot model. Freezing the concrete function directly
-    # gives the same graph in seconds.
+    # By default the converter first saves the whole Keras model as a SavedModel, re-tracing every layer
+    # (1-2 minutes for a tfmot model); freezing the concrete function gives the same graph in seconds.
     converter.experimental_lower_to_saved_model = False
     return converter
 
 
-def _integer_io(converter, input_type: str, output: str) -> None:
+def _set_io_types(converter, input_type: str, output: str) -> None:
     if input_type not in _INPUT_TYPES:
         raise ValueError(f"input_type must be one of {tuple(_INPUT_TYPES)}, got {input_type!r}")
     converter.inference_input_type = _INPUT_TYPES[input_type]
     if output == "logits":
-        # uint8 in -> int8 logits out (no DEQUANTIZE); float in -> float logits out.
-        converter.inference_output_type = tf.int8 if input_type == "uint8" else tf.float32
+        # Integer in -> int8 logits out (no DEQUANTIZE); float32 in -> float32 logits out.
+        converter.inference_output_type = tf.float32 if input_type == "float32" else tf.int8
+
+
+def _convert(converter) -> bytes:
+    with warnings.catch_warnings():
+        # The frozen-function path asks for input statistics it then takes from the graph's fake quant.
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+        return converter.convert()
 
 
 def float_tflite(float_model: keras.Model, *, output: str = "labels") -> bytes:
-    """Float32 TFLite of the float model (float 0..255 input), the baseline int8 files are compared with."""
-    return _converter(float_model, output).convert()
+    """Float32 TFLite of the float model (float 0..255 input): the baseline for the int8 files."""
+    return _convert(_converter(float_model, output))
 
 
 def qat_to_tflite(qat_model: keras.Model, *, input_type: str = "uint8", output: str = "labels") -> bytes:
-    """Integer-only TFLite of a (calibrated/trained) QAT model.
+    """Integer-only TFLite of a calibrated (and trained) QAT model.
 
-    ``input_type="uint8"``: raw 0..255 pixels (scale 1, zero point 0; the model normalizes inside).
-    ``output="labels"``: int32 class map (ArgMax in the graph); ``"logits"``: int8 logits (uint8 input)
-    or float32 logits (float32 input).
+    ``input_type="uint8"``: raw 0..255 pixels, scale 1 and zero point 0 (the model normalizes inside;
+    the only QUANTIZE is uint8 -> int8 at the input, on TFLite's kernel: XNNPACK does not convert uint8
+    to int8). ``"int8"``: pixels - 128 (zero point -128), no QUANTIZE at all. ``"float32"``: 0..255
+    floats, quantized by XNNPACK. ``output="labels"``: int32 class map (ArgMax in the graph, on
+    TFLite's kernel: XNNPACK has no ARG_MAX); ``"logits"``: int8 logits (integer input) or float32
+    logits (float32 input).
     """
     converter = _converter(qat_model, output)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    _integer_io(converter, input_type, output)
-    return converter.convert()
+    _set_io_types(converter, input_type, output)
+    return _convert(converter)
 
 
 def ptq_int8_tflite(
@@ -450,26 +516,26 @@ def ptq_int8_tflite(
     input_type: str = "uint8",
     output: str = "labels",
 ) -> bytes:
-    """Full-integer post-training quantized TFLite (MLPerf PTQ: ~500 calibration images, 0..255 floats).
+    """Full-integer post-training quantized TFLite (MLPerf PTQ: 500 calibration images, H,W,3 in 0..255).
 
-    ``per_channel=False`` quantizes every weight tensor with one scale (smaller file, as the seeds'
-    751 KB / 2.2 MB models), via the converter's ``_experimental_disable_per_channel``.
+    Same graph as :func:`qat_to_tflite`, except that the uint8 input's scale/zero point come from the
+    images' pixel range (1 and 0 when they span 0..255, as real photos do). ``per_channel=False``
+    quantizes each weight tensor with one scale (smaller file, like the seeds' 751 KB / 2.2 MB models;
+    less accurate, since BN-folded depthwise kernels vary a lot between channels).
     """
-    prepared = prepare_for_int8(float_model)
-    images = list(representative_images)
+    images = [np.asarray(image, np.float32) for image in representative_images]
 
     def representative_dataset():
         for image in images:
-            image = np.asarray(image, np.float32)
-            yield [image[None] if image.ndim == 3 else image]
+            yield [image if image.ndim == 4 else image[None]]
 
-    converter = _converter(prepared, output)
+    converter = _converter(prepare_for_int8(float_model), output)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative_dataset
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter._experimental_disable_per_channel = not per_channel
-    _integer_io(converter, input_type, output)
-    return converter.convert()
+    _set_io_types(converter, input_type, output)
+    return _convert(converter)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -477,43 +543,54 @@ def ptq_int8_tflite(
 
 
 def _schema():
-    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert import schema_py_generated
 
-    return schema
+    return schema_py_generated
 
 
-def _read_model(tflite_bytes: bytes):
+def _enum_names(enum_class) -> dict[int, str]:
+    return {value: name for name, value in vars(enum_class).items() if not name.startswith("_")}
+
+
+def _graph(tflite_bytes: bytes):
+    """(model object, main subgraph, builtin op name of each operator)."""
     schema = _schema()
-    return schema.ModelT.InitFromPackedBuf(bytearray(tflite_bytes), 0)
-
-
-def _op_names(model) -> list[str]:
-    schema = _schema()
-    names = {value: name for name, value in vars(schema.BuiltinOperator).items() if not name.startswith("_")}
+    model = schema.ModelT.InitFromPackedBuf(bytearray(tflite_bytes), 0)
+    op_names = _enum_names(schema.BuiltinOperator)
     codes = [max(code.builtinCode, code.deprecatedBuiltinCode) for code in model.operatorCodes]
-    return [names[codes[op.opcodeIndex]] for op in model.subgraphs[0].operators]
+    graph = model.subgraphs[0]
+    return model, graph, [op_names[codes[op.opcodeIndex]] for op in graph.operators]
 
 
 def op_histogram(tflite_bytes: bytes) -> dict[str, int]:
     """``{builtin op name: count}`` of the main subgraph, e.g. ``{"CONV_2D": 38, ...}``."""
     counts: dict[str, int] = {}
-    for name in _op_names(_read_model(tflite_bytes)):
+    for name in _graph(tflite_bytes)[2]:
         counts[name] = counts.get(name, 0) + 1
     return counts
 
 
 def tensor_types(tflite_bytes: bytes) -> list[tuple[str, str, str]]:
-    """``(op name, tensor name, dtype name)`` for every non-constant tensor an operator produces."""
-    schema = _schema()
-    type_names = {value: name for name, value in vars(schema.TensorType).items() if not name.startswith("_")}
-    model = _read_model(tflite_bytes)
-    graph = model.subgraphs[0]
-    rows = []
-    for op, op_name in zip(graph.operators, _op_names(model), strict=True):
-        for index in op.outputs:
-            tensor = graph.tensors[index]
-            rows.append((op_name, tensor.name.decode(), type_names[tensor.type]))
-    return rows
+    """``(op name, output tensor name, dtype name)`` for every tensor an operator produces, in graph order."""
+    type_names = _enum_names(_schema().TensorType)
+    _, graph, op_names = _graph(tflite_bytes)
+    return [
+        (op_name, graph.tensors[index].name.decode(), type_names[graph.tensors[index].type])
+        for op, op_name in zip(graph.operators, op_names, strict=True)
+        for index in op.outputs
+    ]
+
+
+def weight_scales(tflite_bytes: bytes) -> dict[str, int]:
+    """``{weight tensor name: number of quantization scales}`` for every CONV_2D/DEPTHWISE_CONV_2D kernel."""
+    _, graph, op_names = _graph(tflite_bytes)
+    counts = {}
+    for op, op_name in zip(graph.operators, op_names, strict=True):
+        if op_name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+            kernel = graph.tensors[op.inputs[1]]
+            scales = kernel.quantization.scale if kernel.quantization is not None else None
+            counts[kernel.name.decode()] = 0 if scales is None else len(scales)
+    return counts
 
 
 def _interpreter(tflite_bytes: bytes, num_threads: int):
@@ -525,74 +602,54 @@ def _interpreter(tflite_bytes: bytes, num_threads: int):
 
 
 def _delegation(interpreter) -> tuple[int, list[str]]:
-    """(number of XNNPACK partitions, names of the original ops XNNPACK did not take).
+    """(number of XNNPACK partitions, names of the ops that stay on TFLite's own kernels).
 
-    After ``allocate_tensors`` the interpreter lists the model's nodes followed by one DELEGATE node per
-    partition. A partition's original nodes are found by walking back from the DELEGATE node's outputs
-    to its inputs; every original node not reached that way runs on the TFLite kernels."""
+    After ``allocate_tensors`` the interpreter lists the model's nodes, then one DELEGATE node per
+    XNNPACK partition. A partition's original nodes are found by walking back from its DELEGATE node's
+    output tensors to its input tensors; original nodes reached by no walk run outside XNNPACK."""
     native = interpreter._interpreter
-    count = native.NumNodes()
-    names = [native.NodeName(i) for i in range(count)]
-    producer = {int(t): i for i in range(count) if names[i] != "DELEGATE" for t in native.NodeOutputs(i)}
+    names = [native.NodeName(i) for i in range(native.NumNodes())]
+    producer = {}
+    for node, name in enumerate(names):
+        if name != "DELEGATE":
+            producer.update({int(tensor): node for tensor in native.NodeOutputs(node)})
     delegated = set()
-    for node in range(count):
-        if names[node] != "DELEGATE":
+    for node, name in enumerate(names):
+        if name != "DELEGATE":
             continue
-        boundary = {int(t) for t in native.NodeInputs(node)}
-        pending = [int(t) for t in native.NodeOutputs(node)]
-        seen = set()
+        boundary = {int(tensor) for tensor in native.NodeInputs(node)}
+        pending = [int(tensor) for tensor in native.NodeOutputs(node)]
         while pending:
             tensor = pending.pop()
-            if tensor in seen or tensor in boundary or tensor not in producer:
+            if tensor in boundary or tensor not in producer or producer[tensor] in delegated:
                 continue
-            seen.add(tensor)
             delegated.add(producer[tensor])
             pending.extend(int(t) for t in native.NodeInputs(producer[tensor]))
-    partitions = names.count("DELEGATE")
-    undelegated = [names[i] for i in range(count) if names[i] != "DELEGATE" and i not in delegated]
-    return partitions, undelegated
+    undelegated = [name for node, name in enumerate(names) if name != "DELEGATE" and node not in delegated]
+    return names.count("DELEGATE"), undelegated
 
 
 def xnnpack_partitions(tflite_bytes: bytes, num_threads: int = 1) -> int:
-    """Number of XNNPACK partitions (DELEGATE nodes) LiteRT's default delegate makes of the model."""
+    """Number of XNNPACK partitions (DELEGATE nodes) LiteRT's default delegate cuts the model into."""
     return _delegation(_interpreter(tflite_bytes, num_threads))[0]
 
 
 def undelegated_ops(tflite_bytes: bytes, num_threads: int = 1) -> list[str]:
-    """Ops (in graph order) that XNNPACK did not take and that run on TFLite's own kernels."""
+    """Ops (in graph order) that XNNPACK did not take: they run on TFLite's builtin kernels."""
     return _delegation(_interpreter(tflite_bytes, num_threads))[1]
 
 
-def run_tflite(tflite_bytes: bytes, images: np.ndarray, num_threads: int = 1) -> np.ndarray:
-    """Run a single-image TFLite model on each of ``images`` (N, H, W, 3 in 0..255); stacked outputs."""
+def run_tflite(tflite_bytes: bytes, images, num_threads: int = 1) -> np.ndarray:
+    """Outputs of a single-image TFLite model for each of ``images`` (N,H,W,3 in 0..255), stacked.
+
+    Quantized outputs are returned as stored (int8 logits: see ``get_output_details()['quantization']``)."""
     interpreter = _interpreter(tflite_bytes, num_threads)
     (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
     results = []
-    for image in np.asarray(images):
-        value = np.clip(np.round(image), 0, 255) if inp["dtype"] == np.uint8 else image
-        interpreter.set_tensor(inp["index"], value[None].astype(inp["dtype"]))
+    for image in np.asarray(images, np.float32):
+        if inp["dtype"] == np.uint8:
+            image = np.clip(np.round(image), 0, 255)
+        interpreter.set_tensor(inp["index"], image[None].astype(inp["dtype"]))
         interpreter.invoke()
         results.append(interpreter.get_tensor(out["index"])[0])
     return np.stack(results)
-
-
-__all__ = [
-    "NoOpQuantizeConfig",
-    "OutputQuantizeConfig",
-    "calibrate_activation_ranges",
-    "custom_objects",
-    "float_tflite",
-    "freeze_batch_norm",
-    "op_histogram",
-    "prepare_for_int8",
-    "ptq_int8_tflite",
-    "qat_to_tflite",
-    "quantize_model",
-    "quantize_scope",
-    "reestimate_batch_norm",
-    "run_tflite",
-    "tensor_types",
-    "undelegated_ops",
-    "xnnpack_partitions",
-]
-

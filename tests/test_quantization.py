@@ -1,0 +1,237 @@
+"""deeplabq.quantization: QAT model, range calibration, BN freezing, integer TFLite files and their inspection.
+
+Real tiny models (65x65, depth multiplier 0.5, DeepLabv3 and v3+), no mocks. A randomly initialised
+DeepLab is chaotic -- +-0.5 pixel-value noise alone flips ~20% of its argmax -- so no int8 model can
+agree with it. Agreement tests therefore use a "tame" model (see ``tame_deeplab``): random weights, BN
+statistics measured on the images, BN before each ReLU shifted so the ReLUs mostly pass, and logits along
+the main directions of the head features, so classes are decided by signal rather than by noise.
+"""
+
+import deeplabq  # noqa: F401, I001  (before TensorFlow)
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras as keras
+
+from deeplabq import quantization as Q
+from deeplabq.model import DeepLabSpec, build_deeplab
+
+V3 = DeepLabSpec(num_classes=5, crop_size=(65, 65), depth_multiplier=0.5, output_stride=16)
+V3_PLUS = DeepLabSpec(
+    num_classes=5, crop_size=(65, 65), depth_multiplier=0.5, output_stride=16, decoder_output_stride=4
+)
+# Ops that never belong in an integer graph traced with native dilated convolutions.
+FORBIDDEN_OPS = {"SPACE_TO_BATCH_ND", "BATCH_TO_SPACE_ND", "DEQUANTIZE", "AVERAGE_POOL_2D"}
+
+
+def images(count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.round(rng.uniform(0, 255, (count, 65, 65, 3))).astype(np.float32)
+
+
+def tame_deeplab(spec: DeepLabSpec, calibration: np.ndarray) -> keras.Model:
+    """Random-weight DeepLab whose predictions are stable under quantization noise (see module doc)."""
+    keras.utils.set_random_seed(0)
+    model = build_deeplab(spec)
+    Q.reestimate_batch_norm(model, calibration)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization) and isinstance(
+            layer._outbound_nodes[0].outbound_layer, keras.layers.ReLU
+        ):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([np.ones_like(gamma), np.full_like(beta, 1.5), mean, variance])
+    Q.reestimate_batch_norm(model, calibration)
+    logits = model.get_layer("logits_semantic")
+    features = keras.Model(model.input, logits.input)(calibration, training=False).numpy()
+    features = features.reshape(-1, features.shape[-1])
+    center = features.mean(axis=0)
+    _, singular, directions = np.linalg.svd(features - center, full_matrices=False)
+    kernel = directions[: spec.num_classes].T / singular[: spec.num_classes] * np.sqrt(len(features))
+    logits.set_weights([kernel[None, None].astype(np.float32), (-center @ kernel).astype(np.float32)])
+    return model
+
+
+def _quantized(spec: DeepLabSpec):
+    """(float model, calibrated QAT model, its calibrated ranges, its uint8 -> labels TFLite file)."""
+    float_model = tame_deeplab(spec, images(8, seed=1))
+    qat_model = Q.quantize_model(float_model)
+    ranges = Q.calibrate_activation_ranges(qat_model, [images(4, seed=2), images(4, seed=3)])
+    return float_model, qat_model, ranges, Q.qat_to_tflite(qat_model)
+
+
+@pytest.fixture(scope="module")
+def quantized_v3():
+    return _quantized(V3)
+
+
+@pytest.fixture(scope="module")
+def quantized_v3plus():
+    return _quantized(V3_PLUS)
+
+
+@pytest.fixture(params=["v3", "v3plus"])
+def quantized(request):
+    return request.getfixturevalue(f"quantized_{request.param}")
+
+
+def test_prepare_for_int8_keeps_the_float_outputs():
+    model = build_deeplab(V3)
+    prepared = Q.prepare_for_int8(model)
+    scale, offset = prepared.get_layer("normalize_scale"), prepared.get_layer("normalize")
+    assert (scale.scale, scale.offset, offset.scale, offset.offset) == (1 / 127.5, 0.0, 1.0, -1.0)
+    assert isinstance(prepared.get_layer("image_pooling_avg"), keras.layers.GlobalAveragePooling2D)
+    x = images(2, seed=0)
+    np.testing.assert_allclose(prepared(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-5)
+    assert len(prepared.layers) == len(model.layers) + 1
+    assert len(Q.prepare_for_int8(prepared).layers) == len(prepared.layers)  # idempotent
+
+
+def test_qat_model_folds_batch_norm_and_quantizes_depthwise_per_channel(quantized):
+    _, qat_model, _, _ = quantized
+    for wrapper in qat_model.layers:
+        layer = getattr(wrapper, "layer", None)
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            consumer = wrapper._outbound_nodes[0].outbound_layer
+            if isinstance(consumer.layer, keras.layers.BatchNormalization):
+                # tfmot's Conv+BN(+ReLU) transform: no fake quant between conv, BN (and ReLU).
+                activation = getattr(layer.activation, "activation", layer.activation)  # QuantizeAwareActivation
+                assert type(activation).__name__ == "NoOpActivation", layer.name
+                assert not consumer.quantize_config.get_weights_and_quantizers(consumer.layer)
+        if type(layer) is keras.layers.DepthwiseConv2D:
+            kernel_min = next(v for v in wrapper.non_trainable_weights if v.name.endswith("depthwise_kernel_min:0"))
+            assert kernel_min.shape == (layer.depthwise_kernel.shape[2],), layer.name
+
+
+def test_calibrated_ranges_replace_the_default_ones(quantized):
+    _, qat_model, ranges, _ = quantized
+    assert len(ranges) > 50
+    assert all((low, high) != (-6.0, 6.0) and low <= 0.0 < high for low, high in ranges.values())
+    input_range = next(r for name, r in ranges.items() if name.startswith("quantize_layer"))
+    assert input_range == (0.0, 255.0)
+    variables = {v.name: v.numpy() for v in qat_model.non_trainable_weights}
+    assert not any(np.all(value == 6.0) for name, value in variables.items() if name.endswith("_max:0"))
+
+
+def test_qat_tflite_is_one_integer_xnnpack_partition(quantized):
+    _, _, _, tflite = quantized
+    ops = Q.op_histogram(tflite)
+    assert not FORBIDDEN_OPS & set(ops), ops
+    assert ops["QUANTIZE"] == 1 and ops["ARG_MAX"] == 1 and ops["MEAN"] == 1 and ops["MUL"] == 1
+    types = Q.tensor_types(tflite)
+    assert types[0][0] == "QUANTIZE"  # uint8 pixels -> int8, at the input only
+    assert types[-1][:1] == ("ARG_MAX",) and types[-1][2] == "INT32"
+    float_islands = [t for t in types[:-1] if t[2] != "INT8"]
+    assert not float_islands
+    assert Q.xnnpack_partitions(tflite, num_threads=1) == 1
+    assert Q.xnnpack_partitions(tflite, num_threads=2) == 1
+    assert Q.undelegated_ops(tflite) == ["QUANTIZE", "ARG_MAX"]
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=tflite)
+    (inp,) = interpreter.get_input_details()
+    assert inp["dtype"] == np.uint8 and inp["quantization"] == (1.0, 0)  # raw pixels
+
+
+def test_int8_tflite_agrees_with_its_qat_model(quantized):
+    float_model, qat_model, _, tflite = quantized
+    x = images(4, seed=4)
+    labels = Q.run_tflite(tflite, x)
+    qat_labels = np.argmax(qat_model(x, training=False), axis=-1)
+    float_labels = np.argmax(float_model(x, training=False), axis=-1)
+    assert labels.shape == (4, 65, 65) and labels.dtype == np.int32
+    assert len(np.unique(qat_labels)) >= 3  # not a degenerate model
+    assert np.mean(labels == qat_labels) > 0.9
+    assert np.mean(labels == float_labels) > 0.85
+
+
+def test_float32_and_int8_inputs_and_logits_output(quantized_v3):
+    _, qat_model, _, _ = quantized_v3
+    x = images(2, seed=5)
+    float_io = Q.qat_to_tflite(qat_model, input_type="float32", output="logits")
+    assert Q.xnnpack_partitions(float_io) == 1 and Q.undelegated_ops(float_io) == []  # Q/DQ in XNNPACK
+    assert Q.op_histogram(float_io)["DEQUANTIZE"] == 1  # the float logits, at the output
+    int8_io = Q.qat_to_tflite(qat_model, input_type="int8", output="logits")
+    assert "QUANTIZE" not in Q.op_histogram(int8_io) and Q.undelegated_ops(int8_io) == []
+    int8_logits = Q.run_tflite(int8_io, x - 128.0)
+    assert int8_logits.dtype == np.int8 and int8_logits.shape == (2, 65, 65, 5)
+    float_logits = Q.run_tflite(float_io, x)
+    qat_logits = qat_model(x, training=False).numpy()
+    assert np.mean(np.argmax(float_logits, -1) == np.argmax(qat_logits, -1)) > 0.9
+    assert np.mean(np.argmax(int8_logits, -1) == np.argmax(float_logits, -1)) > 0.97
+
+
+def _train_step(model, x, y):
+    optimizer = keras.optimizers.SGD(0.1)
+    with tf.GradientTape() as tape:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, model(x, training=True))
+    variables = model.trainable_variables
+    optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables, strict=True))
+
+
+def _unfreeze(model):
+    """Undo freeze_batch_norm on the shared fixture model (BN flag, wrapper's trainable list)."""
+    for wrapper in model.layers:
+        layer = getattr(wrapper, "layer", None)
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = True
+            if not any(weight is layer.gamma for weight in wrapper._trainable_weights):
+                wrapper._trainable_weights[:0] = [layer.gamma, layer.beta]
+
+
+@pytest.mark.parametrize("freeze_scale_offset", [False, True])
+def test_freeze_batch_norm_stops_moving_statistics(quantized_v3plus, freeze_scale_offset):
+    _, qat_model, _, _ = quantized_v3plus
+    saved = qat_model.get_weights()
+    layers = [getattr(wrapper, "layer", None) for wrapper in qat_model.layers]
+    batch_norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    x, y = images(2, seed=6), np.random.default_rng(6).integers(0, 5, (2, 65, 65))
+
+    def state():
+        names = ("gamma", "moving_mean", "moving_variance")
+        return [{name: getattr(bn, name).numpy() for name in names} for bn in batch_norms]
+
+    try:
+        before = state()
+        _train_step(qat_model, x, y)  # not frozen: the statistics move
+        assert any(not np.allclose(b["moving_mean"], a["moving_mean"]) for b, a in zip(before, state(), strict=True))
+        assert Q.freeze_batch_norm(qat_model, freeze_scale_offset=freeze_scale_offset) == len(batch_norms)
+        assert not any(bn.trainable for bn in batch_norms)
+        before = state()
+        _train_step(qat_model, x, y)
+        after = state()
+        for b, a in zip(before, after, strict=True):
+            np.testing.assert_array_equal(b["moving_mean"], a["moving_mean"])
+            np.testing.assert_array_equal(b["moving_variance"], a["moving_variance"])
+        gammas_moved = any(not np.array_equal(b["gamma"], a["gamma"]) for b, a in zip(before, after, strict=True))
+        assert gammas_moved is not freeze_scale_offset
+    finally:
+        _unfreeze(qat_model)
+        qat_model.set_weights(saved)
+
+
+def test_ptq_per_channel_and_per_tensor():
+    model = tame_deeplab(V3, images(8, seed=1))
+    calibration = list(images(4, seed=2))
+    per_channel = Q.ptq_int8_tflite(model, calibration, per_channel=True)
+    per_tensor = Q.ptq_int8_tflite(model, calibration, per_channel=False)
+    assert len(per_tensor) <= len(per_channel)
+    assert set(Q.weight_scales(per_tensor).values()) == {1}
+    assert max(Q.weight_scales(per_channel).values()) > 1
+    for tflite in (per_channel, per_tensor):
+        assert not FORBIDDEN_OPS & set(Q.op_histogram(tflite))
+        assert Q.xnnpack_partitions(tflite) == 1 and Q.undelegated_ops(tflite) == ["QUANTIZE", "ARG_MAX"]
+    x = images(2, seed=4)
+    float_labels = np.argmax(model(x, training=False), axis=-1)
+    assert np.mean(Q.run_tflite(per_channel, x) == float_labels) > 0.85
+
+
+def test_float_tflite_and_inspection_helpers():
+    model = build_deeplab(V3)
+    tflite = Q.float_tflite(model)
+    ops = Q.op_histogram(tflite)
+    # The float graph keeps AVERAGE_POOL_2D and MUL+ADD: XNNPACK runs both in float.
+    assert ops["AVERAGE_POOL_2D"] == 1 and "SPACE_TO_BATCH_ND" not in ops
+    assert Q.xnnpack_partitions(tflite) == 1 and Q.undelegated_ops(tflite) == ["ARG_MAX"]
+    with pytest.raises(ValueError, match="output must be one of"):
+        Q.float_tflite(model, output="probabilities")
