@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import tf_keras as keras
 
 from deeplabq import quantization
 from deeplabq.evaluation import TFLiteSegmenter
-from deeplabq.model import native_dilated_convolutions
+from deeplabq.quantization import op_histogram, xnnpack_partitions  # noqa: F401  (re-exported)
 
 VARIANTS = ("float", "dynamic_range", "float16", "int8", "qat_int8")
 
@@ -39,22 +38,6 @@ class ExportedModel:
     agreement: float  # fraction of pixels whose label equals the Keras model's argmax
     op_histogram: dict[str, int] = field(default_factory=dict)
     xnnpack_partitions: int = 0
-
-
-def _export_function(model: keras.Model, *, output: str):
-    """Concrete function image -> labels|logits, traced with native dilated convolutions."""
-    if output not in ("labels", "logits"):
-        raise ValueError(f"export.output must be 'labels' or 'logits', got {output!r}")
-    height, width = model.input_shape[1:3]
-
-    def serve(image):
-        logits = model(image, training=False)
-        if output == "labels":
-            return tf.argmax(logits, axis=-1, output_type=tf.int32)  # the seeds' ArgMax output
-        return logits
-
-    with native_dilated_convolutions():
-        return tf.function(serve).get_concrete_function(tf.TensorSpec((1, height, width, 3), tf.float32))
 
 
 def to_tflite(model: keras.Model, variant: str, *, output: str = "labels", input_type: str = "uint8",
@@ -74,28 +57,13 @@ def to_tflite(model: keras.Model, variant: str, *, output: str = "labels", input
                                             input_type=input_type, output=output)
     if variant == "qat_int8":
         return quantization.qat_to_tflite(model, input_type=input_type, output=output)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([_export_function(model, output=output)], model)
-    # Freeze the concrete function directly; lowering to a SavedModel first re-traces every layer (~20x slower).
-    converter.experimental_lower_to_saved_model = False
+    converter = quantization.tflite_converter(model, output)
     if variant == "dynamic_range":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif variant == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     return converter.convert()
-
-
-def op_histogram(tflite: bytes) -> dict[str, int]:
-    segmenter = TFLiteSegmenter(tflite)
-    interpreter = segmenter.interpreter
-    ops = [d["op_name"] for d in interpreter._get_ops_details()]
-    return dict(Counter(op for op in ops if op != "DELEGATE"))
-
-
-def xnnpack_partitions(tflite: bytes, num_threads: int = 1) -> int:
-    """Number of subgraphs the XNNPACK delegate took over (1 = the whole model runs in XNNPACK)."""
-    segmenter = TFLiteSegmenter(tflite, num_threads=num_threads)
-    return sum(d["op_name"] == "DELEGATE" for d in segmenter.interpreter._get_ops_details())
 
 
 def pixel_agreement(tflite: bytes, model: keras.Model, images) -> float:

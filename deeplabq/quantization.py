@@ -448,7 +448,7 @@ def _serving_function(model: keras.Model, output: str):
 
     Traced inside ``native_dilated_convolutions()`` so each dilated depthwise conv is one
     DEPTHWISE_CONV_2D. ``labels`` puts the ArgMax inside the graph as int32: TFLite's ARG_MAX writes
-    int32 directly, a uint8 label map costs an extra CAST pass over the full-resolution output."""
+    int32 directly, a uint8 label map needs one more op (CAST) outside XNNPACK for no measurable gain."""
     if output not in _OUTPUTS:
         raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}")
     height, width, channels = model.input_shape[1:]
@@ -463,7 +463,8 @@ def _serving_function(model: keras.Model, output: str):
         return tf.function(serve).get_concrete_function(tf.TensorSpec((1, height, width, channels), tf.float32))
 
 
-def _converter(model: keras.Model, output: str) -> tf.lite.TFLiteConverter:
+def tflite_converter(model: keras.Model, output: str) -> tf.lite.TFLiteConverter:
+    """A converter of ``model`` (image -> labels|logits) traced for TFLite; callers set the quantization."""
     converter = tf.lite.TFLiteConverter.from_concrete_functions([_serving_function(model, output)], model)
     # By default the converter first saves the whole Keras model as a SavedModel, re-tracing every layer
     # (1-2 minutes for a tfmot model); freezing the concrete function gives the same graph in seconds.
@@ -489,7 +490,7 @@ def _convert(converter) -> bytes:
 
 def float_tflite(float_model: keras.Model, *, output: str = "labels") -> bytes:
     """Float32 TFLite of the float model (float 0..255 input): the baseline for the int8 files."""
-    return _convert(_converter(float_model, output))
+    return _convert(tflite_converter(float_model, output))
 
 
 def qat_to_tflite(qat_model: keras.Model, *, input_type: str = "uint8", output: str = "labels") -> bytes:
@@ -502,7 +503,7 @@ def qat_to_tflite(qat_model: keras.Model, *, input_type: str = "uint8", output: 
     TFLite's kernel: XNNPACK has no ARG_MAX); ``"logits"``: int8 logits (integer input) or float32
     logits (float32 input).
     """
-    converter = _converter(qat_model, output)
+    converter = tflite_converter(qat_model, output)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     _set_io_types(converter, input_type, output)
     return _convert(converter)
@@ -529,7 +530,7 @@ def ptq_int8_tflite(
         for image in images:
             yield [image if image.ndim == 4 else image[None]]
 
-    converter = _converter(prepare_for_int8(float_model), output)
+    converter = tflite_converter(prepare_for_int8(float_model), output)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative_dataset
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
