@@ -163,7 +163,7 @@ def benchmark_model(name: str, spec: DeepLabSpec, args) -> list[dict]:
 
 def naive_ptq(model: keras.Model, calibration: np.ndarray) -> bytes:
     """The converter's full-integer PTQ of the float model exactly as built (no prepare_for_int8)."""
-    converter = Q._converter(model, "labels")
+    converter = Q.tflite_converter(model, "labels")
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = lambda: ([image[None]] for image in calibration)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
