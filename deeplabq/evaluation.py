@@ -188,6 +188,21 @@ def measure_latency(segmenter: TFLiteSegmenter, *, warmup: int = 2, runs: int = 
     return {"latency_ms": float(np.median(times)), "latency_p90_ms": float(np.percentile(times, 90))}
 
 
+def tflite_metrics(path, kind: str, split: data_lib.SegmentationSplit, cfg) -> dict[str, float]:
+    """mIoU / per-class IoU / pixel accuracy of a TFLite file (with the most threads), and its latency per
+    thread count in ``cfg.eval.latency_threads``, as ``<kind>/...`` metrics."""
+    threads = [int(t) for t in cfg.eval.latency_threads]
+    segmenter = TFLiteSegmenter(str(path), num_threads=max(threads), name=f"{kind}.tflite")
+    metrics = evaluate_tflite(segmenter, split, cfg.dataset, max_images=cfg.eval.max_images).metrics(
+        list(split.class_names), prefix=f"{kind}/")
+    for count in threads:
+        latency = measure_latency(TFLiteSegmenter(str(path), num_threads=count),
+                                  warmup=int(cfg.eval.latency_warmup), runs=int(cfg.eval.latency_runs))
+        metrics[f"{kind}/latency_ms_t{count}"] = latency["latency_ms"]
+        metrics[f"{kind}/latency_p90_ms_t{count}"] = latency["latency_p90_ms"]
+    return metrics
+
+
 def evaluate(cfg, output_dir) -> dict[str, float]:
     """evaluate.py: a TFLite file, checkpoint, run dir or MLflow run id → metrics in a new MLflow run."""
     from pathlib import Path
@@ -204,18 +219,10 @@ def evaluate(cfg, output_dir) -> dict[str, float]:
         mlflow.set_tags({"deeplabq.source": source.describe(), **(
             {"deeplabq.evaluated_run": source.run_id} if source.run_id else {})})
         split = data_lib.open_split(cfg.dataset, cfg.eval.split)
-        threads = [int(t) for t in cfg.eval.latency_threads]
         if source.kind == "tflite":
             kind = source.path.stem
-            segmenter = TFLiteSegmenter(str(source.path), num_threads=max(threads), name=source.path.name)
-            metrics = evaluate_tflite(segmenter, split, cfg.dataset, max_images=cfg.eval.max_images).metrics(
-                list(split.class_names), prefix=f"{kind}/")
+            metrics = tflite_metrics(source.path, kind, split, cfg)
             metrics[f"{kind}/size_bytes"] = source.path.stat().st_size
-            for count in threads:
-                timed = TFLiteSegmenter(str(source.path), num_threads=count)
-                latency = measure_latency(timed, warmup=int(cfg.eval.latency_warmup), runs=int(cfg.eval.latency_runs))
-                metrics[f"{kind}/latency_ms_t{count}"] = latency["latency_ms"]
-                metrics[f"{kind}/latency_p90_ms_t{count}"] = latency["latency_p90_ms"]
         else:
             kind = "keras"
             model = sources.load_keras_model(cfg, source)

@@ -45,20 +45,6 @@ def calibration_images(cfg: DictConfig, train_split, output_dir: Path) -> list[n
     return images
 
 
-def _artifact_metrics(cfg, variant, path: Path, eval_split) -> dict[str, float]:
-    threads = [int(t) for t in cfg.eval.latency_threads]
-    segmenter = evaluation.TFLiteSegmenter(str(path), num_threads=max(threads), name=f"{variant}.tflite")
-    confusion = evaluation.evaluate_tflite(segmenter, eval_split, cfg.dataset, max_images=cfg.eval.max_images)
-    metrics = confusion.metrics(list(eval_split.class_names), prefix=f"{variant}/")
-    for count in threads:
-        timed = evaluation.TFLiteSegmenter(str(path), num_threads=count)
-        latency = evaluation.measure_latency(timed, warmup=int(cfg.eval.latency_warmup),
-                                             runs=int(cfg.eval.latency_runs))
-        metrics[f"{variant}/latency_ms_t{count}"] = latency["latency_ms"]
-        metrics[f"{variant}/latency_p90_ms_t{count}"] = latency["latency_p90_ms"]
-    return metrics
-
-
 def evaluate_and_export(cfg: DictConfig, output_dir: Path, model, float_model, train_split,
                         eval_split) -> dict[str, float]:
     """Keras metrics of the trained model (and of its float source), then every planned TFLite artifact."""
@@ -119,7 +105,7 @@ def export_and_measure(cfg: DictConfig, output_dir: Path, variants: list[str], *
             f"{variant}/size_bytes": exported.size_bytes,
             f"{variant}/agreement": exported.agreement,
             f"{variant}/xnnpack_partitions": exported.xnnpack_partitions,
-            **_artifact_metrics(cfg, variant, exported.path, eval_split),
+            **evaluation.tflite_metrics(exported.path, variant, eval_split, cfg),
         }
         tracking.log_metrics(variant_metrics)
         metrics.update(variant_metrics)
