@@ -79,6 +79,9 @@ class Trainer:
         self.optimizer = make_optimizer(cfg.train, start_step)
         self.ignore_label = int(cfg.dataset.ignore_label)
         self.weight_decay = float(cfg.train.weight_decay)
+        # Create the optimizer's slot variables now: a tf.function that creates variables on its first call
+        # is traced twice, which costs 5-15 s per model (twice that for a QAT model).
+        self.optimizer.build(model.trainable_variables)
         self.train_step = tf.function(self._train_step)
 
     def _train_step(self, images, labels):

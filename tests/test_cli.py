@@ -63,18 +63,29 @@ def test_evaluate_refuses_an_unknown_run_id(tmp_path):
     assert "MLflow run '0123456789abcdef0123456789abcdef' does not exist" in done.stderr
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
-def test_delay_sweep_is_one_parent_run_with_a_child_per_job(tmp_path, launcher):
-    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
-    done = run_cli("train.py", tmp_path, "-m", *TINY, "quant=qat_delayed", "quant.delay_steps=0,6", *extra)
+@pytest.mark.parametrize(
+    "sweep, children",
+    [
+        # the basic launcher, one job after the other; `-m quant=a,b quant.delay_steps=...` over quant modes
+        (["quant=float,qat_delayed", "quant.delay_steps=6"], {"float": "float/miou", "delay6": "qat_int8/miou"}),
+        # joblib: two jobs at once writing to one sqlite store
+        (["quant=qat_delayed", "quant.delay_steps=0,6", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+         {"delay0": "qat_int8/miou", "delay6": "qat_int8/miou"}),
+    ],
+    ids=["basic", "joblib"],
+)
+def test_sweep_is_one_parent_run_with_a_child_per_job(tmp_path, sweep, children):
+    done = run_cli("train.py", tmp_path, "-m", *TINY, *sweep)
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parents = [r for r in runs if r.data.tags.get("deeplabq.sweep") == "parent"]
     assert len(parents) == 1, [r.info.run_name for r in runs]
     parent = parents[0]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.info.run_name.rsplit("-", 1)[-1] for r in children) == ["delay0", "delay6"]
-    assert all(r.info.status == "FINISHED" and "qat_int8/miou" in r.data.metrics for r in children)
+    found = {r.info.run_name.rsplit("-", 1)[-1]: r for r in runs if r.data.tags.get("mlflow.parentRunId") ==
+             parent.info.run_id}
+    assert sorted(found) == sorted(children)
+    for suffix, metric in children.items():
+        assert found[suffix].info.status == "FINISHED" and metric in found[suffix].data.metrics, suffix
     assert parent.info.status == "FINISHED"
     assert "sweep_summary.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert "qat_int8: mIoU" in done.stdout
