@@ -45,7 +45,8 @@ SEED_FLAGS = {
     # quantize.md's fine-tune command line
     "pascal_mnv2_qat_finetune": {"train.steps": 3000, "train.learning_rate": 3e-5, "dataset.crop_size": [513, 513],
                                  "train.batch_size": 8, "backbone.output_stride": 16, "quant.delay_steps": 0,
-                                 "dataset.name": "pascal_voc_seg", "quant.mode": "qat_finetune"},
+                                 "dataset.name": "pascal_voc_seg", "quant.mode": "qat_finetune",
+                                 "quant.freeze_bn": False, "train.fine_tune_batch_norm": True},
     # MLPerf's train.py flags
     "ade20k32_mlperf_float": {"train.optimizer": "adam", "train.learning_rate": 5e-6, "train.batch_size": 4,
                               "dataset.crop_size": [512, 512], "head.decoder_output_stride": 4,
