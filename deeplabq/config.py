@@ -79,5 +79,12 @@ def validate_config(cfg: DictConfig) -> None:
              f"export.output must be 'labels' or 'logits', got {export.output!r}")
     for variant in export.ptq_variants:
         _require(variant in PTQ_SCHEMES, f"export.ptq_variants: unknown variant {variant!r}; use {PTQ_SCHEMES}")
+    _require(int(export.int8_debug_images) >= 0,
+             f"export.int8_debug_images must be >= 0, got {export.int8_debug_images}")
+    _require(int(export.int8_float_worst_layers) >= 0,
+             f"export.int8_float_worst_layers must be >= 0, got {export.int8_float_worst_layers}")
+    _require(int(export.int8_float_worst_layers) == 0 or int(export.int8_debug_images) > 0,
+             f"export.int8_float_worst_layers={export.int8_float_worst_layers} picks layers from the per-layer error "
+             f"report: set export.int8_debug_images > 0")
     for threads in cfg.eval.latency_threads:
         _require(int(threads) > 0, f"eval.latency_threads must be positive, got {threads}")

@@ -41,12 +41,13 @@ class ExportedModel:
 
 
 def to_tflite(model: keras.Model, variant: str, *, output: str = "labels", input_type: str = "uint8",
-              per_channel: bool = True, representative_images=None) -> bytes:
+              per_channel: bool = True, representative_images=None, float_layers=()) -> bytes:
     """Convert ``model`` to one TFLite variant and return the flatbuffer.
 
     ``input_type`` applies to the integer variants (uint8: raw pixels with scale 1 since the model
     normalizes internally; int8; float32). Float variants always take float32 0..255 pixels.
-    ``representative_images`` (iterable of HxWx3 float 0..255 arrays) is required for ``int8``.
+    ``representative_images`` (iterable of HxWx3 float 0..255 arrays) is required for ``int8``;
+    ``float_layers`` (Keras layer names) stay float in the ``int8`` file.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown TFLite variant {variant!r}; choose from {VARIANTS}")
@@ -54,7 +55,7 @@ def to_tflite(model: keras.Model, variant: str, *, output: str = "labels", input
         if representative_images is None:
             raise ValueError("int8 post-training quantization needs representative_images")
         return quantization.ptq_int8_tflite(model, representative_images, per_channel=per_channel,
-                                            input_type=input_type, output=output)
+                                            input_type=input_type, output=output, float_layers=float_layers)
     if variant == "qat_int8":
         return quantization.qat_to_tflite(model, input_type=input_type, output=output)
     converter = quantization.tflite_converter(model, output)
@@ -87,11 +88,12 @@ def write_atomically(path: Path, content: bytes) -> None:
 
 
 def export_variant(model: keras.Model, variant: str, path: Path, *, check_images, export_cfg,
-                   representative_images=None, min_agreement: float = 0.0) -> ExportedModel:
+                   representative_images=None, min_agreement: float = 0.0, float_layers=()) -> ExportedModel:
     """Convert, load, run and compare one variant, then write it. Raises ExportError naming the variant."""
     try:
         tflite = to_tflite(model, variant, output=export_cfg.output, input_type=export_cfg.input_type,
-                         per_channel=export_cfg.per_channel, representative_images=representative_images)
+                         per_channel=export_cfg.per_channel, representative_images=representative_images,
+                         float_layers=float_layers)
         agreement = pixel_agreement(tflite, model, check_images)
     except Exception as error:  # noqa: BLE001  (any converter/runtime failure is reported per variant)
         raise ExportError(f"TFLite variant '{variant}' failed: {type(error).__name__}: {error}") from error

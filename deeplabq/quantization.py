@@ -509,23 +509,8 @@ def qat_to_tflite(qat_model: keras.Model, *, input_type: str = "uint8", output: 
     return _convert(converter)
 
 
-def ptq_int8_tflite(
-    float_model: keras.Model,
-    representative_images: Iterable,
-    *,
-    per_channel: bool = True,
-    input_type: str = "uint8",
-    output: str = "labels",
-) -> bytes:
-    """Full-integer post-training quantized TFLite (MLPerf PTQ: 500 calibration images, H,W,3 in 0..255).
-
-    Same graph as :func:`qat_to_tflite`, except that the uint8 input's scale/zero point come from the
-    images' pixel range (1 and 0 when they span 0..255, as real photos do). ``per_channel=False``
-    quantizes each weight tensor with one scale (smaller file, like the seeds' 751 KB / 2.2 MB models;
-    less accurate, since BN-folded depthwise kernels vary a lot between channels).
-    """
-    images = [np.asarray(image, np.float32) for image in representative_images]
-
+def _ptq_converter(float_model: keras.Model, images: list[np.ndarray], *, per_channel: bool, input_type: str,
+                   output: str) -> tf.lite.TFLiteConverter:
     def representative_dataset():
         for image in images:
             yield [image if image.ndim == 4 else image[None]]
@@ -536,7 +521,106 @@ def ptq_int8_tflite(
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter._experimental_disable_per_channel = not per_channel
     _set_io_types(converter, input_type, output)
-    return _convert(converter)
+    return converter
+
+
+def ptq_int8_tflite(
+    float_model: keras.Model,
+    representative_images: Iterable,
+    *,
+    per_channel: bool = True,
+    input_type: str = "uint8",
+    output: str = "labels",
+    float_layers: Iterable[str] = (),
+) -> bytes:
+    """Full-integer post-training quantized TFLite (MLPerf PTQ: 500 calibration images, H,W,3 in 0..255).
+
+    Same graph as :func:`qat_to_tflite`, except that the uint8 input's scale/zero point come from the
+    images' pixel range (1 and 0 when they span 0..255, as real photos do). ``per_channel=False``
+    quantizes each weight tensor with one scale (smaller file, like the seeds' 751 KB / 2.2 MB files;
+    less accurate, since BN-folded depthwise kernels vary a lot between channels).
+
+    ``float_layers``: Keras layer names (e.g. ``"block_1_expand"``, as in :func:`int8_layer_errors`) whose
+    ops stay float, with DEQUANTIZE/QUANTIZE around each float island -- the QuantizationDebugger's denylist
+    (``denylisted_nodes``), applied by the same MLIR quantizer call. It trades speed for accuracy.
+    """
+    images = [np.asarray(image, np.float32) for image in representative_images]
+    converter = _ptq_converter(float_model, images, per_channel=per_channel, input_type=input_type, output=output)
+    float_layers = list(float_layers)
+    if not float_layers:
+        return _convert(converter)
+    nodes = _tensors_of_layers(_convert(converter), float_layers)
+    # What QuantizationDebugger.get_nondebug_quantized_model() does, but keeping the converter's I/O types
+    # (the debugger's own call always makes a float32/int8 input): calibrate, then quantize all but ``nodes``.
+    from tensorflow.lite.python import convert as _lite_convert
+
+    converter.experimental_mlir_quantizer = True
+    converter._experimental_calibrate_only = True
+    calibrated = _convert(converter)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+        return _lite_convert.mlir_quantize(
+            calibrated, disable_per_channel=not per_channel, input_data_type=converter.inference_input_type,
+            output_data_type=converter.inference_output_type, denylisted_nodes=nodes)
+
+
+def layer_of_tensor(tensor_name: str) -> str:
+    """The Keras layer an op output belongs to: ``deeplab/Conv1_relu/Relu6;deeplab/bn_Conv1/..;deeplab/
+    Conv1/Conv2D1`` (a conv with its BN and ReLU fused) -> ``Conv1``; ``deeplab/normalize/add`` ->
+    ``normalize``."""
+    parts = tensor_name.split(";")[-1].split("/")
+    return parts[1] if len(parts) > 2 else parts[0]
+
+
+def _tensors_of_layers(tflite_bytes: bytes, layers: list[str]) -> list[str]:
+    """Output tensor names of the ops of ``layers`` (any layer fused into an op selects the op)."""
+    outputs = [name for _, name, _ in tensor_types(tflite_bytes)]
+    selected, unknown = [], []
+    for layer in layers:
+        matches = [name for name in outputs if any(f"/{layer}/" in f"{part}/" for part in name.split(";"))]
+        (selected.extend(matches) if matches else unknown.append(layer))
+    if unknown:
+        known = sorted({layer_of_tensor(name) for name in outputs})
+        raise ValueError(f"export.int8_float_layers: no op of layer(s) {unknown} in the int8 model; "
+                         f"layers: {', '.join(known)}")
+    return sorted(set(selected))
+
+
+def int8_layer_errors(float_model: keras.Model, representative_images: Iterable, debug_images: Iterable, *,
+                      per_channel: bool = True) -> list[dict]:
+    """Per-op quantization error of the PTQ int8 model (TFLite's QuantizationDebugger), worst first.
+
+    The debugger runs a model where every int8 op is followed by a NumericVerify against the float op
+    fed with the same (dequantized) input, so each row is the error that op adds on its own. ``rmse/scale``
+    is that error in units of the output's quantization step: ~0.29 (1/sqrt(12)) is pure rounding; far
+    above it means a clipped range or a poorly quantized kernel -- candidates for ``float_layers``.
+    """
+    import csv
+    import io
+
+    images = [np.asarray(image, np.float32) for image in representative_images]
+    debug = [np.asarray(image, np.float32) for image in debug_images]
+    converter = _ptq_converter(float_model, images, per_channel=per_channel, input_type="uint8", output="logits")
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=lambda: ([image[None] if image.ndim == 3 else image] for image in debug))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")  # the debugger's own
+        debugger.run()
+    buffer = io.StringIO()
+    debugger.layer_statistics_dump(buffer)
+    rows = []
+    for row in csv.DictReader(io.StringIO(buffer.getvalue())):
+        scale = float(row["scale"])
+        rows.append({
+            "layer": layer_of_tensor(row["tensor_name"]),
+            "op": row["op_name"],
+            "rmse/scale": float(np.sqrt(float(row["mean_squared_error"]))) / scale,
+            "max_abs_error/scale": float(row["max_abs_error"]) / scale,
+            "scale": scale,
+            "tensor": row["tensor_name"],
+        })
+    return sorted(rows, key=lambda row: -row["rmse/scale"])
 
 
 # --------------------------------------------------------------------------------------------------------

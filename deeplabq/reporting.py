@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -11,7 +13,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from deeplabq import data as data_lib
-from deeplabq import evaluation, export, tracking
+from deeplabq import evaluation, export, quantization, tracking
 
 # Each variant must agree this well with the Keras model it came from, or it is not kept.
 MIN_AGREEMENT = {"float": 0.99, "float16": 0.97}
@@ -80,6 +82,13 @@ def export_and_measure(cfg: DictConfig, output_dir: Path, variants: list[str], *
     representative = calibration_images(cfg, train_split, output_dir) if "int8" in variants else None
     tflite_dir = output_dir / "tflite"
     metrics, failures = {}, []
+    float_layers = list(cfg.export.int8_float_layers)
+    if "int8" in variants and float_model is not None and int(cfg.export.int8_debug_images) > 0:
+        float_layers = int8_error_report(cfg, tflite_dir, float_model, representative)
+    if "int8" in variants and float_layers:
+        mlflow.set_tag("deeplabq.int8_float_layers", ",".join(float_layers))
+        metrics["int8/float_layers"] = len(float_layers)
+        tracking.log_metrics({"int8/float_layers": len(float_layers)})
     for variant in variants:
         source = qat_model if variant == "qat_int8" else float_model
         try:
@@ -89,7 +98,7 @@ def export_and_measure(cfg: DictConfig, output_dir: Path, variants: list[str], *
             exported = export.export_variant(
                 source, variant, tflite_dir / f"{variant}.tflite", check_images=check_images,
                 export_cfg=cfg.export, representative_images=representative,
-                min_agreement=MIN_AGREEMENT.get(variant, 0.0))
+                min_agreement=MIN_AGREEMENT.get(variant, 0.0), float_layers=float_layers if variant == "int8" else ())
         except export.ExportError as error:
             print(f"error: {error}")
             mlflow.set_tag(f"deeplabq.export_error.{variant}", str(error)[:5000])
@@ -112,6 +121,31 @@ def export_and_measure(cfg: DictConfig, output_dir: Path, variants: list[str], *
     if failures:
         raise export.ExportError("; ".join(failures))
     return metrics
+
+
+def int8_error_report(cfg: DictConfig, tflite_dir: Path, float_model, representative) -> list[str]:
+    """Per-layer error of the PTQ int8 model (QuantizationDebugger) on ``export.int8_debug_images``
+    calibration images, logged as ``tflite/int8_layer_errors.csv`` (worst first); returns the layers to keep
+    in float: ``export.int8_float_layers`` plus the ``export.int8_float_worst_layers`` worst others."""
+    rows = quantization.int8_layer_errors(float_model, representative,
+                                          representative[: int(cfg.export.int8_debug_images)],
+                                          per_channel=bool(cfg.export.per_channel))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, ["layer", "op", "rmse/scale", "max_abs_error/scale", "scale", "tensor"])
+    writer.writeheader()
+    writer.writerows(rows)
+    report = tflite_dir / "int8_layer_errors.csv"
+    export.write_atomically(report, table.getvalue().encode())
+    mlflow.log_artifact(str(report), artifact_path="tflite")
+    print("int8 per-layer error, worst first (rmse/scale; 0.29 is rounding alone): "
+          + ", ".join(f"{row['layer']} {row['rmse/scale']:.2f}" for row in rows[:5]))
+    chosen = list(cfg.export.int8_float_layers)
+    for row in rows:
+        if len(chosen) >= len(cfg.export.int8_float_layers) + int(cfg.export.int8_float_worst_layers):
+            break
+        if row["layer"] not in chosen and row["op"] not in ("ARG_MAX",):
+            chosen.append(row["layer"])
+    return chosen
 
 
 def summary_table(metrics: dict[str, float], threads: list[int]) -> str:

@@ -79,6 +79,12 @@ def test_quant_options_share_sweepable_keys():
         assert option_keys == keys, f"quant={option} has keys {option_keys ^ keys} the others lack"
 
 
+def test_worst_float_layers_need_the_error_report(tmp_path):
+    cfg = compose_config(tmp_path, ["export.int8_float_worst_layers=3", "export.int8_debug_images=0"])
+    with pytest.raises(ConfigError, match="export.int8_debug_images > 0"):
+        validate_config(cfg)
+
+
 def test_default_config_is_valid(tmp_path):
     validate_config(compose_config(tmp_path))
 
@@ -101,6 +107,8 @@ def test_mlflow_store_is_sqlite_at_absolute_path():
         ("quant.mode=int4", "quant.mode"),
         ("init.source=deeplab_checkpoint", "init.path"),
         ("export.output=probabilities", "export.output"),
+        ("export.int8_debug_images=-1", "export.int8_debug_images"),
+        ("export.int8_float_worst_layers=-2", "export.int8_float_worst_layers"),
     ],
 )
 def test_impossible_values_are_refused_by_key(tmp_path, override, key):

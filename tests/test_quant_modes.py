@@ -75,7 +75,7 @@ def test_qat_finetune_from_a_float_run(tmp_path, float_run):
 
 @pytest.mark.parametrize("scheme", ["int8", "dynamic_range", "float16"])
 def test_ptq_from_a_float_run(tmp_path, float_run, scheme):
-    cfg = compose_config(tmp_path, [*TINY, "quant=ptq", f"quant.scheme={scheme}",
+    cfg = compose_config(tmp_path, [*TINY, "quant=ptq", f"quant.scheme={scheme}", "export.int8_float_worst_layers=2",
                                     f"quant.float_checkpoint={run_id_of(float_run)}",
                                     f"tracking.tracking_uri=sqlite:///{float_run.parent / 'mlflow.db'}"])
     metrics = train(cfg, tmp_path / "run")
@@ -85,6 +85,13 @@ def test_ptq_from_a_float_run(tmp_path, float_run, scheme):
     if scheme == "int8":
         listed = (tmp_path / "run" / "calibration_images.txt").read_text().splitlines()
         assert len(listed) == 4 and all(line.startswith("synthetic:train/") for line in listed)
+        # The per-layer error report, and its two worst layers kept in float.
+        report = (tmp_path / "run" / "tflite" / "int8_layer_errors.csv").read_text().splitlines()
+        assert report[0].startswith("layer,op,rmse/scale") and len(report) > 50
+        worst = list(dict.fromkeys(line.split(",")[0] for line in report[1:]))[:2]
+        run = MlflowClient(f"sqlite:///{float_run.parent / 'mlflow.db'}").get_run(run_id_of(tmp_path / "run"))
+        assert run.data.tags["deeplabq.int8_float_layers"] == ",".join(worst)
+        assert metrics["int8/float_layers"] == 2 and run.data.metrics["int8/float_layers"] == 2
 
 
 def test_qat_finetune_without_float_checkpoint_is_refused(tmp_path):

@@ -226,6 +226,29 @@ def test_ptq_per_channel_and_per_tensor():
     assert np.mean(Q.run_tflite(per_channel, x) == float_labels) > 0.85
 
 
+def test_layer_error_report_and_layers_kept_in_float():
+    model = tame_deeplab(V3, images(8, seed=1))
+    calibration = list(images(4, seed=2))
+    rows = Q.int8_layer_errors(model, calibration, calibration[:2])
+    errors = [row["rmse/scale"] for row in rows]
+    assert errors == sorted(errors, reverse=True) and all(np.isfinite(errors))
+    # Every int8 op is in the report, named by its Keras layer; rounding alone gives ~0.29 steps of error.
+    layers = {row["layer"] for row in rows}
+    assert {"Conv1", "normalize_scale", "block_16_project", "aspp0", "logits_semantic"} <= layers
+    assert 0.1 < float(np.median(errors)) < 1.0
+
+    kept = Q.ptq_int8_tflite(model, calibration, float_layers=["Conv1", "aspp0"])
+    produced = {name: dtype for _, name, dtype in Q.tensor_types(kept)}
+    conv1 = [name for name in produced if "/Conv1/" in name]
+    assert conv1 and all(produced[name] == "FLOAT32" for name in conv1)
+    assert Q.op_histogram(kept)["DEQUANTIZE"] >= 2  # into each float island
+    assert {d["dtype"] for d in Q._interpreter(kept, 1).get_input_details()} == {np.uint8}
+    labels = Q.run_tflite(kept, images(2, seed=4))
+    assert np.mean(labels == np.argmax(model(images(2, seed=4), training=False), axis=-1)) > 0.85
+    with pytest.raises(ValueError, match=r"export.int8_float_layers: no op of layer\(s\) \['Conv9'\]"):
+        Q.ptq_int8_tflite(model, calibration, float_layers=["Conv9"])
+
+
 def test_float_tflite_and_inspection_helpers():
     model = build_deeplab(V3)
     tflite = Q.float_tflite(model)
