@@ -26,8 +26,9 @@ RECIPES = {
 BACKBONES = {0.5: "mnv2_dm050", 1.0: "mnv2_dm100"}
 
 
-def _stage_overrides(stage: str, float_dir: Path) -> list[str]:
-    return [f"quant.float_checkpoint={float_dir}"] if stage == "qat_finetune" else []
+def _stage_overrides(stage: str, float_dir: Path, tracking_uri: str) -> list[str]:
+    float_checkpoint = [f"quant.float_checkpoint={float_dir}"] if stage == "qat_finetune" else []
+    return [f"tracking.tracking_uri={tracking_uri}", *float_checkpoint]
 
 
 def run_stage(preset: str, backbone: str, run_dir: Path, overrides: list[str], env: dict) -> dict:
@@ -47,8 +48,9 @@ def run_stage(preset: str, backbone: str, run_dir: Path, overrides: list[str], e
     return metrics
 
 
-def results_rows(stage_metrics: dict[str, dict], dm: float) -> list[dict]:
-    """One row per artifact: float and PTQ variants of the float run, then each QAT run's int8 file."""
+def results_rows(stage_metrics: dict[str, dict], dm: float, stage_dirs: dict[str, Path]) -> list[dict]:
+    """One row per artifact: float and PTQ variants of the float run, then each QAT run's int8 file.
+    Latencies are the ones each run measured; :func:`remeasure_latency` replaces them."""
     rows = []
     float_metrics = stage_metrics["float"]
     for stage, metrics in stage_metrics.items():
@@ -57,7 +59,8 @@ def results_rows(stage_metrics: dict[str, dict], dm: float) -> list[dict]:
         for artifact in artifacts:
             name = artifact if stage == "float" else f"{artifact} ({stage})"
             rows.append({
-                "dm": dm, "artifact": name, "miou": metrics[f"{artifact}/miou"],
+                "dm": dm, "artifact": name, "path": str(stage_dirs[stage] / "tflite" / f"{artifact}.tflite"),
+                "miou": metrics[f"{artifact}/miou"],
                 "delta": metrics[f"{artifact}/miou"] - float_metrics["float/miou"],
                 "size_bytes": metrics[f"{artifact}/size_bytes"],
                 "latency_t1": metrics[f"{artifact}/latency_ms_t1"], "latency_t2": metrics[f"{artifact}/latency_ms_t2"],
@@ -66,6 +69,22 @@ def results_rows(stage_metrics: dict[str, dict], dm: float) -> list[dict]:
                 "stage_time_min": metrics.get("wall_time_s", float("nan")) / 60,
             })
     return rows
+
+
+def remeasure_latency(rows: list[dict], threads=(1, 2), runs: int = 30) -> None:
+    """Time every artifact again, all in this process and interleaved (see
+    ``evaluation.interleaved_latency``): the stages ran hours apart under different background load, so
+    their own latencies do not compare. Speed-ups are against the float file of the same depth multiplier."""
+    from deeplabq.evaluation import interleaved_latency
+
+    for count in threads:
+        latency = interleaved_latency([row["path"] for row in rows], count, runs=runs)
+        for row in rows:
+            row[f"latency_t{count}"] = latency[row["path"]]
+    for row in rows:
+        base = next(r for r in rows if r["dm"] == row["dm"] and r["artifact"] == "float")
+        for count in threads:
+            row[f"speedup_t{count}"] = base[f"latency_t{count}"] / row[f"latency_t{count}"]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -122,12 +141,14 @@ def run_comparison(recipe: str, depth_multipliers: list[float], overrides: list[
     try:
         for dm in depth_multipliers:
             stage_metrics = {}
-            float_dir = out_dir / f"dm{dm}" / "float"
+            stage_dirs = {stage: out_dir / f"dm{dm}" / stage for stage in RECIPES[recipe]}
             for stage, preset in RECIPES[recipe].items():
-                run_dir = out_dir / f"dm{dm}" / stage
-                stage_metrics[stage] = run_stage(preset, BACKBONES[dm], run_dir,
-                                                 [*_stage_overrides(stage, float_dir), *overrides], env)
-            rows += results_rows(stage_metrics, dm)
+                stage_metrics[stage] = run_stage(
+                    preset, BACKBONES[dm], stage_dirs[stage],
+                    [*_stage_overrides(stage, stage_dirs["float"], tracking_uri), *overrides], env)
+            rows += results_rows(stage_metrics, dm, stage_dirs)
+        print("[compare] timing every artifact again, interleaved in one process", flush=True)
+        remeasure_latency(rows)
         table = markdown_table(rows)
         (docs_dir / f"{recipe}_results.md").parent.mkdir(parents=True, exist_ok=True)
         (docs_dir / f"{recipe}_results.md").write_text(table + "\n")

@@ -188,6 +188,25 @@ def measure_latency(segmenter: TFLiteSegmenter, *, warmup: int = 2, runs: int = 
     return {"latency_ms": float(np.median(times)), "latency_p90_ms": float(np.percentile(times, 90))}
 
 
+def interleaved_latency(paths, num_threads: int, *, warmup: int = 3, runs: int = 30) -> dict[str, float]:
+    """Median invoke time (ms) of each TFLite file, invoked round-robin in one process (file 1, file 2, ...,
+    file 1, ...), so that background load hits all of them alike and their ratios compare like with like."""
+    segmenters = {}
+    for path in paths:
+        segmenter = TFLiteSegmenter(str(path), num_threads=num_threads)
+        segmenter.set_input(np.full((*segmenter.input_hw, 3), 127.0, dtype=np.float32))
+        for _ in range(warmup):
+            segmenter.invoke()
+        segmenters[str(path)] = segmenter
+    times = {path: [] for path in segmenters}
+    for _ in range(runs):
+        for path, segmenter in segmenters.items():
+            start = time.perf_counter()
+            segmenter.invoke()
+            times[path].append((time.perf_counter() - start) * 1000.0)
+    return {path: float(np.median(values)) for path, values in times.items()}
+
+
 def tflite_metrics(path, kind: str, split: data_lib.SegmentationSplit, cfg) -> dict[str, float]:
     """mIoU / per-class IoU / pixel accuracy of a TFLite file (with the most threads), and its latency per
     thread count in ``cfg.eval.latency_threads``, as ``<kind>/...`` metrics."""
