@@ -20,14 +20,15 @@ from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {
-    # stage name -> experiment preset; "float" must come first (the others depend on it)
-    "camvid": {"float": "camvid_float", "qat_finetune": "camvid_qat_finetune", "qat_delayed": "camvid_qat_delayed"},
+    # stage name -> experiment preset; "float" must come first (ptq and qat_finetune start from its checkpoint)
+    "camvid": {"float": "camvid_float", "ptq": "camvid_ptq", "qat_finetune": "camvid_qat_finetune",
+               "qat_delayed": "camvid_qat_delayed"},
 }
 BACKBONES = {0.5: "mnv2_dm050", 1.0: "mnv2_dm100"}
 
 
 def _stage_overrides(stage: str, float_dir: Path, tracking_uri: str) -> list[str]:
-    float_checkpoint = [f"quant.float_checkpoint={float_dir}"] if stage == "qat_finetune" else []
+    float_checkpoint = [f"quant.float_checkpoint={float_dir}"] if stage in ("ptq", "qat_finetune") else []
     return [f"tracking.tracking_uri={tracking_uri}", *float_checkpoint]
 
 
@@ -49,13 +50,17 @@ def run_stage(preset: str, backbone: str, run_dir: Path, overrides: list[str], e
 
 
 def results_rows(stage_metrics: dict[str, dict], dm: float, stage_dirs: dict[str, Path]) -> list[dict]:
-    """One row per artifact: float and PTQ variants of the float run, then each QAT run's int8 file.
+    """One row per artifact: the float run's float and PTQ files, then each later stage's own files (their
+    copy of the float file is left out; a variant a later stage exports replaces the float run's).
     Latencies are the ones each run measured; :func:`remeasure_latency` replaces them."""
     rows = []
     float_metrics = stage_metrics["float"]
+    later = {k.split("/")[0] for stage, m in stage_metrics.items() if stage != "float" for k in m}
     for stage, metrics in stage_metrics.items():
         artifacts = sorted({k.split("/")[0] for k in metrics if k.endswith("/size_bytes")},
                            key=lambda a: ("float", "float16", "dynamic_range", "int8", "qat_int8").index(a))
+        skip = {"float"} if stage != "float" else later - {"float"}
+        artifacts = [a for a in artifacts if a not in skip]
         for artifact in artifacts:
             name = artifact if stage == "float" else f"{artifact} ({stage})"
             rows.append({
