@@ -549,9 +549,9 @@ def ptq_int8_tflite(
     float_layers = list(float_layers)
     if not float_layers:
         return _convert(converter)
-    nodes = _tensors_of_layers(_convert(converter), float_layers)
     # What QuantizationDebugger.get_nondebug_quantized_model() does, but keeping the converter's I/O types
-    # (the debugger's own call always makes a float32/int8 input): calibrate, then quantize all but ``nodes``.
+    # (the debugger's own call always makes a float32/int8 input): calibrate, then quantize all but the
+    # denylisted ops, named by their output tensors (the same names before and after quantization).
     from tensorflow.lite.python import convert as _lite_convert
 
     converter.experimental_mlir_quantizer = True
@@ -561,7 +561,8 @@ def ptq_int8_tflite(
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
         return _lite_convert.mlir_quantize(
             calibrated, disable_per_channel=not per_channel, input_data_type=converter.inference_input_type,
-            output_data_type=converter.inference_output_type, denylisted_nodes=nodes)
+            output_data_type=converter.inference_output_type,
+            denylisted_nodes=_tensors_of_layers(calibrated, float_layers))
 
 
 def layer_of_tensor(tensor_name: str) -> str:
