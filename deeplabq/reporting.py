@@ -82,23 +82,17 @@ def export_and_measure(cfg: DictConfig, output_dir: Path, variants: list[str], *
     representative = calibration_images(cfg, train_split, output_dir) if "int8" in variants else None
     tflite_dir = output_dir / "tflite"
     metrics, failures = {}, []
-    float_layers = list(cfg.export.int8_float_layers)
-    if "int8" in variants and float_model is not None and int(cfg.export.int8_debug_images) > 0:
-        float_layers = int8_error_report(cfg, tflite_dir, float_model, representative)
-    if "int8" in variants and float_layers:
-        mlflow.set_tag("deeplabq.int8_float_layers", ",".join(float_layers))
-        metrics["int8/float_layers"] = len(float_layers)
-        tracking.log_metrics({"int8/float_layers": len(float_layers)})
     for variant in variants:
         source = qat_model if variant == "qat_int8" else float_model
         try:
             if source is None:
                 raise export.ExportError(f"TFLite variant '{variant}' needs a "
                                          f"{'QAT' if variant == 'qat_int8' else 'float'} model")
+            float_layers = int8_float_layers(cfg, tflite_dir, source, representative) if variant == "int8" else []
             exported = export.export_variant(
                 source, variant, tflite_dir / f"{variant}.tflite", check_images=check_images,
                 export_cfg=cfg.export, representative_images=representative,
-                min_agreement=MIN_AGREEMENT.get(variant, 0.0), float_layers=float_layers if variant == "int8" else ())
+                min_agreement=MIN_AGREEMENT.get(variant, 0.0), float_layers=float_layers)
         except export.ExportError as error:
             print(f"error: {error}")
             mlflow.set_tag(f"deeplabq.export_error.{variant}", str(error)[:5000])
@@ -111,6 +105,7 @@ def export_and_measure(cfg: DictConfig, output_dir: Path, variants: list[str], *
                                             "xnnpack_partitions": exported.xnnpack_partitions}, indent=1))
             mlflow.log_artifact(str(ops_file), artifact_path="tflite")
         variant_metrics = {
+            **({f"{variant}/float_layers": len(float_layers)} if float_layers else {}),
             f"{variant}/size_bytes": exported.size_bytes,
             f"{variant}/agreement": exported.agreement,
             f"{variant}/xnnpack_partitions": exported.xnnpack_partitions,
@@ -123,10 +118,27 @@ def export_and_measure(cfg: DictConfig, output_dir: Path, variants: list[str], *
     return metrics
 
 
-def int8_error_report(cfg: DictConfig, tflite_dir: Path, float_model, representative) -> list[str]:
-    """Per-layer error of the PTQ int8 model (QuantizationDebugger) on ``export.int8_debug_images``
-    calibration images, logged as ``tflite/int8_layer_errors.csv`` (worst first); returns the layers to keep
-    in float: ``export.int8_float_layers`` plus the ``export.int8_float_worst_layers`` worst others."""
+def int8_float_layers(cfg: DictConfig, tflite_dir: Path, float_model, representative) -> list[str]:
+    """The layers the PTQ int8 file keeps in float: ``export.int8_float_layers`` plus the
+    ``export.int8_float_worst_layers`` worst others of the per-layer error report, which is written first
+    when ``export.int8_debug_images`` > 0. Tags the run with them; a failing report fails the int8 variant."""
+    chosen = list(cfg.export.int8_float_layers)
+    if int(cfg.export.int8_debug_images) > 0:
+        try:
+            rows = int8_error_report(cfg, tflite_dir, float_model, representative)
+        except Exception as error:  # noqa: BLE001  (reported as the int8 variant's failure)
+            raise export.ExportError(f"TFLite variant 'int8' failed: per-layer error report: "
+                                     f"{type(error).__name__}: {error}") from error
+        worst = [row["layer"] for row in rows if row["layer"] not in chosen]
+        chosen += list(dict.fromkeys(worst))[: int(cfg.export.int8_float_worst_layers)]
+    if chosen:
+        mlflow.set_tag("deeplabq.int8_float_layers", ",".join(chosen))
+    return chosen
+
+
+def int8_error_report(cfg: DictConfig, tflite_dir: Path, float_model, representative) -> list[dict]:
+    """Per-layer error of the PTQ int8 model (QuantizationDebugger) on the first ``export.int8_debug_images``
+    calibration images, written and logged as ``tflite/int8_layer_errors.csv``; the rows, worst first."""
     rows = quantization.int8_layer_errors(float_model, representative,
                                           representative[: int(cfg.export.int8_debug_images)],
                                           per_channel=bool(cfg.export.per_channel))
@@ -139,13 +151,7 @@ def int8_error_report(cfg: DictConfig, tflite_dir: Path, float_model, representa
     mlflow.log_artifact(str(report), artifact_path="tflite")
     print("int8 per-layer error, worst first (rmse/scale; 0.29 is rounding alone): "
           + ", ".join(f"{row['layer']} {row['rmse/scale']:.2f}" for row in rows[:5]))
-    chosen = list(cfg.export.int8_float_layers)
-    for row in rows:
-        if len(chosen) >= len(cfg.export.int8_float_layers) + int(cfg.export.int8_float_worst_layers):
-            break
-        if row["layer"] not in chosen and row["op"] not in ("ARG_MAX",):
-            chosen.append(row["layer"])
-    return chosen
+    return rows
 
 
 def summary_table(metrics: dict[str, float], threads: list[int]) -> str:
