@@ -3,6 +3,7 @@
     python compare.py camvid                                   # dm 0.5: float (+PTQ), QAT fine-tune, delayed QAT
     python compare.py camvid --depth-multipliers 0.5 1.0
     python compare.py camvid -- train.steps=1000               # extra overrides for every stage
+    python compare.py camvid --depth-multipliers 0.5 1.0 --table-only   # run nothing: table of the finished stages
 """
 
 import argparse
@@ -19,11 +20,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "compare", help="stage run directories")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where the table and plot go")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlflow.db'}")
+    parser.add_argument("--table-only", action="store_true",
+                        help="run no stage; time the finished stages' files again and write the table")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every stage")
     args = parser.parse_args()
     try:
         table = run_comparison(args.recipe, args.depth_multipliers, args.overrides, args.out.resolve(),
-                               args.tracking_uri, args.docs.resolve())
+                               args.tracking_uri, args.docs.resolve(), table_only=args.table_only)
     except ValueError as error:
         sys.exit(f"compare: error: {error}")
     print(table)

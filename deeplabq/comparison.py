@@ -128,7 +128,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def run_comparison(recipe: str, depth_multipliers: list[float], overrides: list[str], out_dir: Path,
-                   tracking_uri: str, docs_dir: Path) -> str:
+                   tracking_uri: str, docs_dir: Path, table_only: bool = False) -> str:
+    """Run the recipe's stages (or, with ``table_only``, none: the table then has the finished ones)."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
     for dm in depth_multipliers:
@@ -148,6 +149,13 @@ def run_comparison(recipe: str, depth_multipliers: list[float], overrides: list[
             stage_metrics = {}
             stage_dirs = {stage: out_dir / f"dm{dm}" / stage for stage in RECIPES[recipe]}
             for stage, preset in RECIPES[recipe].items():
+                if table_only:
+                    finished = stage_dirs[stage] / "metrics.json"
+                    if stage == "float" and not finished.is_file():
+                        raise ValueError(f"--table-only: {finished} does not exist (the float stage is needed)")
+                    if finished.is_file():
+                        stage_metrics[stage] = json.loads(finished.read_text())
+                    continue
                 stage_metrics[stage] = run_stage(
                     preset, BACKBONES[dm], stage_dirs[stage],
                     [*_stage_overrides(stage, stage_dirs["float"], tracking_uri), *overrides], env)
