@@ -28,9 +28,9 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
-from ai_edge_litert.interpreter import Interpreter
 
 from deeplabq import quantization as Q
+from deeplabq.evaluation import interleaved_latency
 from deeplabq.model import DeepLabSpec, ResizeBilinear, build_deeplab
 
 MODELS = {
@@ -45,27 +45,6 @@ MODELS = {
 
 def random_images(count: int, size, seed: int) -> np.ndarray:
     return np.round(np.random.default_rng(seed).uniform(0, 255, (count, *size, 3))).astype(np.float32)
-
-
-def measure(files: dict[str, bytes], threads: int, runs: int, warmup: int) -> dict[str, float]:
-    """Median invoke time (ms) of each file, invoked round-robin so that load drifts hit all alike."""
-    interpreters = {}
-    for name, tflite in files.items():
-        interpreter = Interpreter(model_content=tflite, num_threads=threads)
-        interpreter.allocate_tensors()
-        (inp,) = interpreter.get_input_details()
-        pixels = np.random.default_rng(7).integers(0, 256, inp["shape"])
-        interpreter.set_tensor(inp["index"], (pixels - 128 if inp["dtype"] == np.int8 else pixels).astype(inp["dtype"]))
-        for _ in range(warmup):
-            interpreter.invoke()
-        interpreters[name] = interpreter
-    times = {name: [] for name in files}
-    for _ in range(runs):
-        for name, interpreter in interpreters.items():
-            start = time.perf_counter()
-            interpreter.invoke()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
 def naive_qat_tflite(float_model: keras.Model, batches) -> bytes:
@@ -142,7 +121,7 @@ def benchmark_model(name: str, spec: DeepLabSpec, args) -> list[dict]:
         print(describe(file_name, tflite), flush=True)
     rows = []
     for threads in args.threads:
-        latency = measure(files, threads, args.runs, args.warmup)
+        latency = interleaved_latency(files, threads, runs=args.runs, warmup=args.warmup)
         for file_name in files:
             rows.append(
                 {
@@ -190,7 +169,7 @@ def io_variants(model: keras.Model, qat: keras.Model, args) -> None:
     for name, tflite in files.items():
         print(describe(name, tflite))
     for threads in args.threads:
-        latency = measure(files, threads, args.runs, args.warmup)
+        latency = interleaved_latency(files, threads, runs=args.runs, warmup=args.warmup)
         print(f"    {threads} thread(s): " + ", ".join(f"{k} {v:.2f} ms" for k, v in latency.items()))
 
 
@@ -223,7 +202,7 @@ def gemm_ceiling(args) -> None:
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             converter.inference_input_type = converter.inference_output_type = tf.int8
         files[kind] = converter.convert()
-    latency = measure(files, 1, max(args.runs, 20), args.warmup)
+    latency = interleaved_latency(files, 1, runs=max(args.runs, 20), warmup=args.warmup)
     macs = 65 * 65 * 256 * 256
     print(
         "\n== XNNPACK 1x1 conv 65x65x256->256, 1 thread: "

@@ -83,7 +83,7 @@ def remeasure_latency(rows: list[dict], threads=(1, 2), runs: int = 30) -> None:
     from deeplabq.evaluation import interleaved_latency
 
     for count in threads:
-        latency = interleaved_latency([row["path"] for row in rows], count, runs=runs)
+        latency = interleaved_latency({row["path"]: row["path"] for row in rows}, count, runs=runs)
         for row in rows:
             row[f"latency_t{count}"] = latency[row["path"]]
     for row in rows:

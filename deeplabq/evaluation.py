@@ -188,23 +188,31 @@ def measure_latency(segmenter: TFLiteSegmenter, *, warmup: int = 2, runs: int = 
     return {"latency_ms": float(np.median(times)), "latency_p90_ms": float(np.percentile(times, 90))}
 
 
-def interleaved_latency(paths, num_threads: int, *, warmup: int = 3, runs: int = 30) -> dict[str, float]:
-    """Median invoke time (ms) of each TFLite file, invoked round-robin in one process (file 1, file 2, ...,
-    file 1, ...), so that background load hits all of them alike and their ratios compare like with like."""
-    segmenters = {}
-    for path in paths:
-        segmenter = TFLiteSegmenter(str(path), num_threads=num_threads)
-        segmenter.set_input(np.full((*segmenter.input_hw, 3), 127.0, dtype=np.float32))
+def interleaved_latency(models: dict, num_threads: int, *, warmup: int = 3, runs: int = 30) -> dict[str, float]:
+    """Median invoke time (ms) of each TFLite model (``{name: file path or flatbuffer bytes}``), invoked
+    round-robin in one process (model 1, model 2, ..., model 1, ...), so that background load hits all of them
+    alike and their ratios compare like with like. Inputs are fixed random values of each model's own input
+    shape and type (latency does not depend on them)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreters = {}
+    for name, model in models.items():
+        source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+        interpreter = Interpreter(**source, num_threads=num_threads)
+        interpreter.allocate_tensors()
+        (inp,) = interpreter.get_input_details()
+        values = np.random.default_rng(7).integers(0, 256, inp["shape"])
+        interpreter.set_tensor(inp["index"], (values - 128 if inp["dtype"] == np.int8 else values).astype(inp["dtype"]))
         for _ in range(warmup):
-            segmenter.invoke()
-        segmenters[str(path)] = segmenter
-    times = {path: [] for path in segmenters}
+            interpreter.invoke()
+        interpreters[name] = interpreter
+    times = {name: [] for name in interpreters}
     for _ in range(runs):
-        for path, segmenter in segmenters.items():
+        for name, interpreter in interpreters.items():
             start = time.perf_counter()
-            segmenter.invoke()
-            times[path].append((time.perf_counter() - start) * 1000.0)
-    return {path: float(np.median(values)) for path, values in times.items()}
+            interpreter.invoke()
+            times[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: float(np.median(values)) for name, values in times.items()}
 
 
 def tflite_metrics(path, kind: str, split: data_lib.SegmentationSplit, cfg) -> dict[str, float]:
