@@ -579,7 +579,10 @@ def _tensors_of_layers(tflite_bytes: bytes, layers: list[str]) -> list[str]:
     selected, unknown = [], []
     for layer in layers:
         matches = [name for name in outputs if any(f"/{layer}/" in f"{part}/" for part in name.split(";"))]
-        (selected.extend(matches) if matches else unknown.append(layer))
+        if matches:
+            selected.extend(matches)
+        else:
+            unknown.append(layer)
     if unknown:
         known = sorted({layer_of_tensor(name) for name in outputs})
         raise ValueError(f"export.int8_float_layers: no op of layer(s) {unknown} in the int8 model; "
