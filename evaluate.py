@@ -8,10 +8,12 @@ import hydra
 from omegaconf import DictConfig
 
 from deeplabq.cli import run_task  # imports deeplabq first: sets TF_USE_LEGACY_KERAS before TensorFlow loads
+from deeplabq.console import quiet_console
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
+    quiet_console(cfg.verbose)  # before TensorFlow loads
     from deeplabq.evaluation import evaluate
 
     return run_task(evaluate, cfg)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from ai_edge_litert.interpreter import Interpreter
 
 from deeplabq import data as data_lib
+from deeplabq.console import native_output, progress
 
 
 @dataclass
@@ -57,52 +58,36 @@ class ConfusionMatrix:
         return out
 
 
-class Progress:
-    """A one-line progress bar on stderr (no dependency; quiet when stderr is not a terminal)."""
-
-    def __init__(self, total: int, label: str) -> None:
-        self.total, self.label, self.done, self.start = total, label, 0, time.perf_counter()
-        self.enabled = sys.stderr.isatty()
-
-    def advance(self, count: int = 1) -> None:
-        self.done += count
-        if self.enabled:
-            width = 30
-            filled = int(width * self.done / max(self.total, 1))
-            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            sys.stderr.write(
-                f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                f"{rate:.1f} img/s"
-            )
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 def evaluate_keras(model, split: data_lib.SegmentationSplit, dataset_cfg, *, batch_size: int = 4,
                    max_images: int | None = None) -> ConfusionMatrix:
     """Single-scale padded evaluation of a Keras model (padding is labelled ignore, so it never counts)."""
     confusion = ConfusionMatrix(split.num_classes, split.ignore_label)
     pipeline = data_lib.input_pipeline(split, dataset_cfg, training=False, batch_size=batch_size)
     total = len(split) if max_images is None else min(max_images, len(split))
-    progress = Progress(total, f"eval keras {split.split}")
     seen = 0
-    for images, labels in data_lib.iterate(pipeline):
-        if seen >= total:
-            break
-        take = min(total - seen, int(images.shape[0]))
-        logits = model(images[:take], training=False)
-        confusion.update(labels[:take].numpy(), np.argmax(logits.numpy(), axis=-1))
-        seen += take
-        progress.advance(take)
-    progress.close()
+    with progress(total=total, desc=f"eval keras {split.split}") as bar:
+        for images, labels in data_lib.iterate(pipeline):
+            if seen >= total:
+                break
+            take = min(total - seen, int(images.shape[0]))
+            logits = model(images[:take], training=False)
+            confusion.update(labels[:take].numpy(), np.argmax(logits.numpy(), axis=-1))
+            seen += take
+            bar.update(take)
     return confusion
 
 
 class TFLiteError(ValueError):
     """A file that LiteRT cannot load or run (not a TFLite flatbuffer, truncated, wrong input)."""
+
+
+def load_interpreter(source: dict, num_threads: int):
+    """A LiteRT interpreter with its tensors allocated (``source``: model_path= or model_content=); its
+    one-time "Created XNNPACK delegate" line stays off the console."""
+    with native_output():
+        interpreter = Interpreter(**source, num_threads=num_threads)
+        interpreter.allocate_tensors()
+    return interpreter
 
 
 class TFLiteSegmenter:
@@ -114,15 +99,10 @@ class TFLiteSegmenter:
     """
 
     def __init__(self, model: bytes | str, num_threads: int = 1, name: str | None = None) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
         self.name = name or (model if isinstance(model, str) else "<tflite bytes>")
+        source = {"model_path": model} if isinstance(model, str) else {"model_content": model}
         try:
-            if isinstance(model, str):
-                self.interpreter = Interpreter(model_path=model, num_threads=num_threads)
-            else:
-                self.interpreter = Interpreter(model_content=model, num_threads=num_threads)
-            self.interpreter.allocate_tensors()
+            self.interpreter = load_interpreter(source, num_threads)
         except (ValueError, RuntimeError) as error:
             raise TFLiteError(f"{self.name} is not a loadable TFLite model: {error}") from error
         inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
@@ -165,13 +145,10 @@ def evaluate_tflite(segmenter: TFLiteSegmenter, split: data_lib.SegmentationSpli
     """Single-scale padded evaluation of a TFLite file with LiteRT (numpy pre/post-processing)."""
     confusion = ConfusionMatrix(split.num_classes, split.ignore_label)
     total = len(split) if max_images is None else min(max_images, len(split))
-    progress = Progress(total, f"eval {segmenter.name}")
-    for index in range(total):
+    for index in progress(range(total), desc=f"eval {segmenter.name}"):
         image, label = split.load(index)
         padded_image, padded_label, _ = data_lib.preprocess_for_eval(image, label, dataset_cfg)
         confusion.update(padded_label, segmenter.predict(padded_image))
-        progress.advance()
-    progress.close()
     return confusion
 
 
@@ -193,13 +170,10 @@ def interleaved_latency(models: dict, num_threads: int, *, warmup: int = 3, runs
     round-robin in one process (model 1, model 2, ..., model 1, ...), so that background load hits all of them
     alike and their ratios compare like with like. Inputs are fixed random values of each model's own input
     shape and type (latency does not depend on them)."""
-    from ai_edge_litert.interpreter import Interpreter
-
     interpreters = {}
     for name, model in models.items():
         source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
-        interpreter = Interpreter(**source, num_threads=num_threads)
-        interpreter.allocate_tensors()
+        interpreter = load_interpreter(source, num_threads)
         (inp,) = interpreter.get_input_details()
         values = np.random.default_rng(7).integers(0, 256, inp["shape"])
         interpreter.set_tensor(inp["index"], (values - 128 if inp["dtype"] == np.int8 else values).astype(inp["dtype"]))

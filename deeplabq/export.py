@@ -20,6 +20,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from deeplabq import quantization
+from deeplabq.console import CapturedOutput, native_output
 from deeplabq.evaluation import TFLiteSegmenter
 from deeplabq.quantization import op_histogram, xnnpack_partitions  # noqa: F401  (re-exported)
 
@@ -90,13 +91,16 @@ def write_atomically(path: Path, content: bytes) -> None:
 def export_variant(model: keras.Model, variant: str, path: Path, *, check_images, export_cfg,
                    representative_images=None, min_agreement: float = 0.0, float_layers=()) -> ExportedModel:
     """Convert, load, run and compare one variant, then write it. Raises ExportError naming the variant."""
+    native = CapturedOutput()
     try:
-        tflite = to_tflite(model, variant, output=export_cfg.output, input_type=export_cfg.input_type,
-                         per_channel=export_cfg.per_channel, representative_images=representative_images,
-                         float_layers=float_layers)
-        agreement = pixel_agreement(tflite, model, check_images)
+        with native_output(native):  # the converter's own lines: kept off the console, quoted on failure
+            tflite = to_tflite(model, variant, output=export_cfg.output, input_type=export_cfg.input_type,
+                               per_channel=export_cfg.per_channel, representative_images=representative_images,
+                               float_layers=float_layers)
+            agreement = pixel_agreement(tflite, model, check_images)
     except Exception as error:  # noqa: BLE001  (any converter/runtime failure is reported per variant)
-        raise ExportError(f"TFLite variant '{variant}' failed: {type(error).__name__}: {error}") from error
+        said = f" (converter: {native.tail(3)})" if native.tail(3) else ""
+        raise ExportError(f"TFLite variant '{variant}' failed: {type(error).__name__}: {error}{said}") from error
     if agreement < min_agreement:
         raise ExportError(f"TFLite variant '{variant}' agrees with its Keras model on only {agreement:.1%} "
                           f"of pixels (< {min_agreement:.0%})")

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from deeplabq import data as data_lib
 from deeplabq import evaluation, export, quantization, tracking
+from deeplabq.console import native_output
 
 # Each variant must agree this well with the Keras model it came from, or it is not kept.
 MIN_AGREEMENT = {"float": 0.99, "float16": 0.97}
@@ -139,9 +140,10 @@ def int8_float_layers(cfg: DictConfig, tflite_dir: Path, float_model, representa
 def int8_error_report(cfg: DictConfig, tflite_dir: Path, float_model, representative) -> list[dict]:
     """Per-layer error of the PTQ int8 model (QuantizationDebugger) on the first ``export.int8_debug_images``
     calibration images, written and logged as ``tflite/int8_layer_errors.csv``; the rows, worst first."""
-    rows = quantization.int8_layer_errors(float_model, representative,
-                                          representative[: int(cfg.export.int8_debug_images)],
-                                          per_channel=bool(cfg.export.per_channel))
+    with native_output():
+        rows = quantization.int8_layer_errors(float_model, representative,
+                                              representative[: int(cfg.export.int8_debug_images)],
+                                              per_channel=bool(cfg.export.per_channel))
     table = io.StringIO()
     writer = csv.DictWriter(table, ["layer", "op", "rmse/scale", "max_abs_error/scale", "scale", "tensor"])
     writer.writeheader()

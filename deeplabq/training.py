@@ -16,6 +16,7 @@ from deeplabq import checkpoints as ckpt_lib
 from deeplabq import data as data_lib
 from deeplabq import tracking
 from deeplabq.config import validate_config
+from deeplabq.console import progress
 from deeplabq.model import build_deeplab, spec_from_config
 from deeplabq.reporting import evaluate_and_export, planned_variants, print_summary
 from deeplabq.sources import CHECKPOINT_DIR, PHASE_FILE, resolve_source
@@ -166,6 +167,7 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
     manager = tf.train.CheckpointManager(trainer.checkpoint(), str(checkpoint_dir), max_to_keep=2)
 
     window_start, window_images, window_losses = time.perf_counter(), 0, []
+    bar = progress(total=total_steps, initial=start_step, desc="train", unit="step")
     for step in range(start_step, total_steps):
         if quantize_at is not None and not quantized and step >= quantize_at:
             model = quantize_fn(trainer.model, batches)
@@ -193,12 +195,17 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
                 },
                 step=done,
             )
-            print(f"step {done}/{total_steps} loss {loss_value:.4f} ({window_images / max(elapsed, 1e-9):.1f} img/s)")
+            if bar.disable:  # no terminal: a log line per window instead of the bar
+                print(f"step {done}/{total_steps} loss {loss_value:.4f} "
+                      f"({window_images / max(elapsed, 1e-9):.1f} img/s)")
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             window_start, window_images, window_losses = time.perf_counter(), 0, []
         if done % int(train_cfg.checkpoint_every_steps) == 0 or done == total_steps:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             (checkpoint_dir / PHASE_FILE).write_text(json.dumps({"quantized": quantized}))
             _log_checkpoint(manager.save(checkpoint_number=done))
+        bar.update(1)
+    bar.close()
     return trainer.model
 
 
