@@ -23,7 +23,7 @@ def _in_multirun() -> bool:
 
 
 def run_task(task, cfg: DictConfig) -> float:
-    """Call ``task(cfg, output_dir)`` and return its ``miou`` (the value a sweeper optimizes).
+    """Call ``task(cfg, output_dir)`` and return its ``deploy/miou`` (the value a sweeper optimizes).
 
     A user error (bad config value, dataset, checkpoint, run id) prints ``deeplabq: error: ...`` and exits
     with status 2; in a multirun the job returns NaN instead so the other jobs still run (its MLflow run is
@@ -36,4 +36,4 @@ def run_task(task, cfg: DictConfig) -> float:
         if _in_multirun():
             return math.nan
         sys.exit(2)
-    return float(metrics.get("miou", math.nan))
+    return float(metrics.get("deploy/miou", math.nan))

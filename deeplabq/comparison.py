@@ -98,7 +98,7 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         kib = r["size_bytes"] / 1024
         size = f"{kib:.0f} KB" if kib < 1024 else f"{kib / 1024:.2f} MB"
-        lines.append(f"| {r['dm']} | {r['artifact']} | {100 * r['miou']:.2f} | {100 * r['delta']:+.2f} | {size} "
+        lines.append(f"| {r['dm']} | {r['artifact']} | {r['miou']:.2f} | {r['delta']:+.2f} | {size} "
                      f"| {r['latency_t1']:.1f} | {r['latency_t2']:.1f} "
                      f"| {r['speedup_t1']:.2f}x / {r['speedup_t2']:.2f}x | {r['stage_time_min']:.1f} |")
     return "\n".join(lines)
@@ -114,8 +114,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, key, label in ((axes[0], "latency_t1", "latency, 1 thread (ms)"), (axes[1], "size_bytes", "size (KB)")):
         for r in rows:
             x = r[key] / 1024 if key == "size_bytes" else r[key]
-            ax.scatter(x, 100 * r["miou"], marker="o" if r["dm"] == 0.5 else "s")
-            ax.annotate(f"{r['artifact']} dm{r['dm']}", (x, 100 * r["miou"]), fontsize=7,
+            ax.scatter(x, r["miou"], marker="o" if r["dm"] == 0.5 else "s")
+            ax.annotate(f"{r['artifact']} dm{r['dm']}", (x, r["miou"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(label)
         ax.set_ylabel("mIoU on val (%)")

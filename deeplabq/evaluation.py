@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import mlflow
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from deeplabq import data as data_lib
+from deeplabq import sources, tracking
 from deeplabq.console import native_output, progress
 
 
@@ -50,11 +53,12 @@ class ConfusionMatrix:
         return float(np.trace(self.matrix) / total) if total else 0.0
 
     def metrics(self, class_names: list[str], prefix: str = "") -> dict[str, float]:
-        """Flat metric dict: miou, pixel_accuracy and iou/<class> (classes never seen are left out)."""
-        out = {f"{prefix}miou": self.miou(), f"{prefix}pixel_accuracy": self.pixel_accuracy()}
+        """Flat metric dict in percent (the one unit of mIoU in deeplabq: MLflow, summaries, README):
+        miou, pixel_accuracy and iou/<class> (classes never seen are left out)."""
+        out = {f"{prefix}miou": 100 * self.miou(), f"{prefix}pixel_accuracy": 100 * self.pixel_accuracy()}
         for name, value in zip(class_names, self.per_class_iou(), strict=False):
             if not np.isnan(value):
-                out[f"{prefix}iou/{name}"] = float(value)
+                out[f"{prefix}iou/{name}"] = 100 * float(value)
         return out
 
 
@@ -189,49 +193,75 @@ def interleaved_latency(models: dict, num_threads: int, *, warmup: int = 3, runs
     return {name: float(np.median(values)) for name, values in times.items()}
 
 
-def tflite_metrics(path, kind: str, split: data_lib.SegmentationSplit, cfg) -> dict[str, float]:
+def tflite_metrics(path, kind: str, split: data_lib.SegmentationSplit, cfg) -> tuple[dict[str, float],
+                                                                                      ConfusionMatrix]:
     """mIoU / per-class IoU / pixel accuracy of a TFLite file (with the most threads), and its latency per
-    thread count in ``cfg.eval.latency_threads``, as ``<kind>/...`` metrics."""
+    thread count in ``cfg.eval.latency_threads``, as ``<kind>/...`` metrics; and its confusion matrix."""
     threads = [int(t) for t in cfg.eval.latency_threads]
     segmenter = TFLiteSegmenter(str(path), num_threads=max(threads), name=f"{kind}.tflite")
-    metrics = evaluate_tflite(segmenter, split, cfg.dataset, max_images=cfg.eval.max_images).metrics(
-        list(split.class_names), prefix=f"{kind}/")
+    confusion = evaluate_tflite(segmenter, split, cfg.dataset, max_images=cfg.eval.max_images)
+    metrics = confusion.metrics(list(split.class_names), prefix=f"{kind}/")
     for count in threads:
         latency = measure_latency(TFLiteSegmenter(str(path), num_threads=count),
                                   warmup=int(cfg.eval.latency_warmup), runs=int(cfg.eval.latency_runs))
         metrics[f"{kind}/latency_ms_t{count}"] = latency["latency_ms"]
         metrics[f"{kind}/latency_p90_ms_t{count}"] = latency["latency_p90_ms"]
-    return metrics
+    return metrics, confusion
+
+
+def deploy_metrics(metrics: dict[str, float], artifact: str, reference: str | None = None) -> dict[str, float]:
+    """The shipped artifact's metrics under one name in every mode (``deploy/miou``, ``deploy/size_bytes``,
+    ``deploy/latency_ms_t<n>`` ...), and ``deploy/delta_miou`` against ``reference`` when the run has it."""
+    out = {}
+    for key, value in metrics.items():
+        kind, _, name = key.partition("/")
+        if kind == artifact and (name in DEPLOY_KEYS or name.startswith("latency_ms_t")):
+            out[f"deploy/{name}"] = value
+    if "deploy/miou" in out and reference in metrics:
+        out["deploy/delta_miou"] = out["deploy/miou"] - metrics[reference]
+    return out
+
+
+DEPLOY_KEYS = ("miou", "pixel_accuracy", "size_bytes", "agreement", "xnnpack_partitions")
+
+
+def fit_crop_to_file(cfg, path: Path, overrides: list[str]):
+    """A TFLite file has a fixed input size: evaluate at it (``dataset.crop_size``) unless the user set one."""
+    height, width = TFLiteSegmenter(str(path)).input_hw
+    if list(cfg.dataset.crop_size) == [height, width] or any(o.startswith("dataset.crop_size=") for o in overrides):
+        return cfg
+    fitted = cfg.copy()
+    fitted.dataset.crop_size = [height, width]
+    print(f"{path.name} takes {height}x{width} images: dataset.crop_size={[height, width]}")
+    return fitted
 
 
 def evaluate(cfg, output_dir) -> dict[str, float]:
-    """evaluate.py: a TFLite file, checkpoint, run dir or MLflow run id → metrics in a new MLflow run."""
-    from pathlib import Path
-
-    import mlflow
-
-    from deeplabq import sources, tracking
-
+    """evaluate.py: a TFLite file, checkpoint, run dir or MLflow run id → metrics in a new MLflow run, a child
+    of the source's run when the source belongs to one (whose config it then evaluates with)."""
     output_dir = Path(output_dir)
     source = sources.resolve_source(cfg.source)
+    overrides = tracking.command_line_overrides()
     if cfg.use_run_config:
-        cfg = sources.with_run_architecture(cfg, source)
-    with tracking.tracked_run(cfg, output_dir):
+        cfg = sources.with_run_architecture(cfg, source, overrides)
+    kind = source.path.stem if source.kind == "tflite" else "keras"
+    if source.kind == "tflite":
+        cfg = fit_crop_to_file(cfg, source.path, overrides)
+    cfg = tracking.with_run_name(cfg, f"eval {kind} {cfg.dataset.name}/{cfg.eval.split}")
+    with tracking.tracked_run(cfg, output_dir, parent_run_id=source.run_id):
         mlflow.set_tags({"deeplabq.source": source.describe(), **(
             {"deeplabq.evaluated_run": source.run_id} if source.run_id else {})})
         split = data_lib.open_split(cfg.dataset, cfg.eval.split)
         if source.kind == "tflite":
-            kind = source.path.stem
-            metrics = tflite_metrics(source.path, kind, split, cfg)
+            metrics, _ = tflite_metrics(source.path, kind, split, cfg)
             metrics[f"{kind}/size_bytes"] = source.path.stat().st_size
         else:
-            kind = "keras"
             model = sources.load_keras_model(cfg, source)
             metrics = evaluate_keras(model, split, cfg.dataset, max_images=cfg.eval.max_images).metrics(
                 list(split.class_names), prefix="keras/")
-        metrics["miou"] = metrics[f"{kind}/miou"]
+        metrics.update(deploy_metrics(metrics, kind))
         tracking.log_metrics(metrics)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         print(f"{source.describe()} on {split.name}/{split.split} ({len(split)} images): "
-              f"mIoU {100 * metrics['miou']:.2f}, pixel accuracy {100 * metrics[f'{kind}/pixel_accuracy']:.2f}")
+              f"mIoU {metrics['deploy/miou']:.2f} %, pixel accuracy {metrics['deploy/pixel_accuracy']:.2f} %")
         return metrics

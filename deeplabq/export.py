@@ -10,7 +10,7 @@ Variants (TF Model Garden's ``quant_type`` names in brackets):
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,8 +111,8 @@ def export_variant(model: keras.Model, variant: str, path: Path, *, check_images
 def convert(cfg, output_dir) -> dict[str, float]:
     """convert.py: a checkpoint, run dir or MLflow run → the requested TFLite variants, measured and logged.
 
-    Logs into the source's MLflow run when it has one (``log_to_source_run``), else into a new run
-    (a child run of the source run when known).
+    The conversion is a run of its own, a child of the source's run when it has one, named by its options:
+    it never overwrites what the source run recorded. The last of ``variants`` is its ``deploy/*`` artifact.
     """
     import mlflow
 
@@ -129,14 +129,12 @@ def convert(cfg, output_dir) -> dict[str, float]:
         if (variant == "qat_int8") != source.quantized:
             raise ValueError(f"variants: {variant!r} does not fit {source.describe()} "
                              f"({'a QAT' if source.quantized else 'a float'} checkpoint)")
+    overrides = tracking.command_line_overrides()
     if cfg.use_run_config:
-        cfg = sources.with_run_architecture(cfg, source)
-    into_source = bool(cfg.log_to_source_run) and source.run_id is not None
-    parent = {} if into_source or source.run_id is None else {"DEEPLABQ_PARENT_RUN_ID": source.run_id}
-    with contextlib.ExitStack() as stack:
-        if parent:
-            stack.enter_context(_environ(parent))
-        stack.enter_context(tracking.tracked_run(cfg, output_dir, run_id=source.run_id if into_source else None))
+        cfg = sources.with_run_architecture(cfg, source, overrides)
+    options = [o for o in overrides if o.startswith(("variants=", "export."))]
+    cfg = tracking.with_run_name(cfg, "convert " + (" ".join(options) or ",".join(cfg.variants)))
+    with tracking.tracked_run(cfg, output_dir, parent_run_id=source.run_id):
         mlflow.set_tag("deeplabq.converted_from", source.describe())
         model = sources.load_keras_model(cfg, source)
         train_split = data_lib.open_split(cfg.dataset, cfg.dataset.train_split)
@@ -144,19 +142,8 @@ def convert(cfg, output_dir) -> dict[str, float]:
         models = {"qat_model": model} if source.quantized else {"float_model": model}
         metrics = reporting.export_and_measure(cfg, output_dir, list(cfg.variants), train_split=train_split,
                                                eval_split=eval_split, **models)
+        metrics.update(reporting.ship(metrics, str(cfg.variants[-1]), "float/miou"))
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         print(reporting.summary_table(metrics, [int(t) for t in cfg.eval.latency_threads]))
+        reporting.print_run_location(cfg)
         return metrics
-
-
-@contextlib.contextmanager
-def _environ(values: dict[str, str]):
-    previous = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

@@ -62,11 +62,11 @@ def _save(fig: Figure, path) -> Path:
 
 def per_class_iou_figure(ious: dict[str, dict[str, float]], class_names: list[str], path,
                          title: str = "Per-class IoU") -> Path:
-    """Horizontal grouped bars: one group per class, one bar per artifact (``{artifact: {class: IoU 0..1}}``),
-    in percent. A class an artifact has no IoU for (missing or NaN) is a gap marked n/a; the legend gives each
-    artifact's mean over the classes it has (as ``ConfusionMatrix.miou`` leaves out classes never seen)."""
+    """Horizontal grouped bars: one group per class, one bar per artifact (``{artifact: {class: IoU %}}``).
+    A class an artifact has no IoU for (missing or NaN) is a gap marked n/a; the legend gives each artifact's
+    mean over the classes it has (as ``ConfusionMatrix.miou`` leaves out classes never seen)."""
     artifacts = list(ious)
-    values = np.array([[ious[a].get(name, np.nan) for name in class_names] for a in artifacts], float) * 100
+    values = np.array([[ious[a].get(name, np.nan) for name in class_names] for a in artifacts], float)
     height = 0.8 / max(len(artifacts), 1)
     fig = Figure(figsize=(10, min(1.5 + len(class_names) * (0.1 + 0.1 * len(artifacts)), 60)), layout="constrained")
     ax = fig.add_subplot()
@@ -155,7 +155,7 @@ def _finite(value) -> bool:
 
 def tradeoff_figure(points: list[dict], path, title: str = "mIoU against latency and size") -> Path:
     """Two panels: mIoU (%) against latency (ms, left) and against size (KB, right), one labelled point per
-    artifact (``name``, ``miou`` 0..1, ``latency_ms``, ``size_bytes``, optional ``baseline``). A baseline is a
+    artifact (``name``, ``miou`` in %, ``latency_ms``, ``size_bytes``, optional ``baseline``). A baseline is a
     star with a dashed line at its mIoU. A point without a finite latency (or size) is left off that panel.
     Points of the same name share a colour."""
     names = list(dict.fromkeys(p["name"] for p in points))
@@ -166,7 +166,7 @@ def tradeoff_figure(points: list[dict], path, title: str = "mIoU against latency
     for ax, key, label, scale in panels:
         drawn = [p for p in points if _finite(p.get(key)) and _finite(p.get("miou"))]
         for p in drawn:
-            x, y = float(p[key]) * scale, 100 * float(p["miou"])
+            x, y = float(p[key]) * scale, float(p["miou"])
             baseline = bool(p.get("baseline", False))
             ax.scatter(x, y, s=150 if baseline else 45, marker="*" if baseline else "o", color=colours[p["name"]],
                        edgecolors="black", linewidths=0.5, zorder=3)

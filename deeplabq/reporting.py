@@ -13,7 +13,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from deeplabq import data as data_lib
-from deeplabq import evaluation, export, quantization, tracking
+from deeplabq import evaluation, export, figures, quantization, tracking
 from deeplabq.console import native_output
 
 # Each variant must agree this well with the Keras model it came from, or it is not kept.
@@ -48,30 +48,83 @@ def calibration_images(cfg: DictConfig, train_split, output_dir: Path) -> list[n
     return images
 
 
+def deploy_artifact(cfg: DictConfig) -> str:
+    """The artifact a run ships: its float file, its PTQ scheme's file, or its QAT int8 file."""
+    mode = cfg.quant.mode
+    return "float" if mode == "float" else str(cfg.quant.scheme) if mode == "ptq" else "qat_int8"
+
+
+# The metric the shipped artifact's mIoU is compared with, by mode (delayed QAT trains no float model).
+FLOAT_REFERENCE = {"float": "float/miou", "ptq": "float/miou", "qat_finetune": "keras_float/miou"}
+
+
 def evaluate_and_export(cfg: DictConfig, output_dir: Path, model, float_model, train_split,
                         eval_split) -> dict[str, float]:
-    """Keras metrics of the trained model (and of its float source), then every planned TFLite artifact."""
-    max_images = cfg.eval.max_images
-    metrics = evaluation.evaluate_keras(model, eval_split, cfg.dataset, max_images=max_images).metrics(
-        list(eval_split.class_names), prefix="keras/")
+    """Keras metrics of the trained model (and of its float source), then every planned TFLite artifact,
+    the ``deploy/*`` metrics of the one the run ships, and the run's figures."""
+    max_images, names = cfg.eval.max_images, list(eval_split.class_names)
+    confusions = {"keras": evaluation.evaluate_keras(model, eval_split, cfg.dataset, max_images=max_images)}
+    metrics = confusions["keras"].metrics(names, prefix="keras/")
     if float_model is not None and float_model is not model:
         metrics.update(evaluation.evaluate_keras(float_model, eval_split, cfg.dataset, max_images=max_images)
-                       .metrics(list(eval_split.class_names), prefix="keras_float/"))
+                       .metrics(names, prefix="keras_float/"))
     tracking.log_metrics(metrics)
-    variants = planned_variants(cfg)
     qat_model = model if cfg.quant.mode in ("qat_delayed", "qat_finetune") else None
-    metrics.update(export_and_measure(cfg, output_dir, variants, float_model=float_model, qat_model=qat_model,
-                                      train_split=train_split, eval_split=eval_split))
-    deployable = "float" if cfg.quant.mode == "float" else variants[-1]
-    if f"{deployable}/miou" in metrics:
-        metrics["miou"] = metrics[f"{deployable}/miou"]
-        tracking.log_metrics({"miou": metrics["miou"]})
+    failure = None
+    try:
+        metrics.update(export_and_measure(cfg, output_dir, planned_variants(cfg), float_model=float_model,
+                                          qat_model=qat_model, train_split=train_split, eval_split=eval_split,
+                                          confusions=confusions))
+    except export.ExportError as error:  # the good artifacts are kept and reported; the run still fails
+        failure = error
+    shipped = deploy_artifact(cfg)
+    metrics.update(ship(metrics, shipped, FLOAT_REFERENCE.get(cfg.quant.mode)))
+    log_figures(output_dir, eval_split, cfg.dataset, confusions, shipped,
+                output_dir / "tflite" / f"{shipped}.tflite", max_images)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    if failure is not None:
+        raise failure
     return metrics
 
 
+def ship(metrics: dict[str, float], artifact: str, reference: str | None) -> dict[str, float]:
+    """Log the ``deploy/*`` metrics of ``artifact`` and tag the run with it and its file."""
+    shipped = evaluation.deploy_metrics(metrics, artifact, reference)
+    if shipped:
+        tracking.log_metrics(shipped)
+        mlflow.set_tags({"deeplabq.deploy_artifact": artifact, "deeplabq.deploy_file": f"tflite/{artifact}.tflite"})
+    return shipped
+
+
+def log_figures(output_dir: Path, split, dataset_cfg, confusions: dict, shipped: str, shipped_file: Path,
+                max_images: int | None, samples: int = 4) -> None:
+    """figures/per_class_iou.png (every artifact), figures/confusion_matrix.png and figures/samples.png
+    (image | ground truth | prediction) of the shipped artifact, written and logged to MLflow."""
+    names = list(split.class_names)
+    folder = output_dir / "figures"
+    ious = {kind: dict(zip(names, 100 * confusion.per_class_iou(), strict=False))  # percent
+            for kind, confusion in confusions.items()}
+    paths = [figures.per_class_iou_figure(ious, names, folder / "per_class_iou.png",
+                                          title=f"Per-class IoU on {split.name}/{split.split} (%)")]
+    if shipped in confusions:
+        figures.confusion_matrix_figure(confusions[shipped].matrix, names, folder / "confusion_matrix.png",
+                                        title=f"Confusion of {shipped}.tflite (% of each true class)")
+        paths.append(folder / "confusion_matrix.png")
+    if shipped_file.is_file():
+        segmenter = evaluation.TFLiteSegmenter(str(shipped_file))
+        rows = []
+        for index in range(min(samples, len(split) if max_images is None else min(max_images, len(split)))):
+            image, label = split.load(index)
+            padded, _, valid = data_lib.preprocess_for_eval(image, None, dataset_cfg)
+            rows.append((image, label, data_lib.postprocess_labels(segmenter.predict(padded), valid, label.shape)))
+        paths.append(figures.overlay_figure(rows, split.num_classes, split.ignore_label, folder / "samples.png",
+                                            title=f"{shipped}.tflite: image | ground truth | prediction"))
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_path="figures")
+
+
 def export_and_measure(cfg: DictConfig, output_dir: Path, variants: list[str], *, train_split, eval_split,
-                       float_model=None, qat_model=None) -> dict[str, float]:
+                       float_model=None, qat_model=None, confusions: dict | None = None) -> dict[str, float]:
     """Each variant: convert, validate against its Keras model, write, evaluate, time, log.
 
     A variant that fails is reported and skipped; the others are still exported and logged, then one
@@ -105,12 +158,15 @@ def export_and_measure(cfg: DictConfig, output_dir: Path, variants: list[str], *
             ops_file.write_text(json.dumps({"op_histogram": exported.op_histogram,
                                             "xnnpack_partitions": exported.xnnpack_partitions}, indent=1))
             mlflow.log_artifact(str(ops_file), artifact_path="tflite")
+        quality, confusion = evaluation.tflite_metrics(exported.path, variant, eval_split, cfg)
+        if confusions is not None:
+            confusions[variant] = confusion
         variant_metrics = {
             **({f"{variant}/float_layers": len(float_layers)} if float_layers else {}),
             f"{variant}/size_bytes": exported.size_bytes,
             f"{variant}/agreement": exported.agreement,
             f"{variant}/xnnpack_partitions": exported.xnnpack_partitions,
-            **evaluation.tflite_metrics(exported.path, variant, eval_split, cfg),
+            **quality,
         }
         tracking.log_metrics(variant_metrics)
         metrics.update(variant_metrics)
@@ -157,31 +213,43 @@ def int8_error_report(cfg: DictConfig, tflite_dir: Path, float_model, representa
 
 
 def summary_table(metrics: dict[str, float], threads: list[int]) -> str:
-    """Artifact | mIoU | delta vs float | size | latency per thread count | speed-up vs float."""
-    variants = [k.split("/")[0] for k in metrics if k.endswith("/size_bytes")]
-    head = ["artifact", "mIoU", "Δ vs float", "size (KB)"]
+    """Artifact | mIoU (%) | delta vs float | size | latency per thread count | speed-up vs float; the shipped
+    artifact (the one whose metrics are also ``deploy/*``) is marked with ``*``."""
+    variants = [k.split("/")[0] for k in metrics if k.endswith("/size_bytes") and not k.startswith("deploy/")]
+    shipped = next((v for v in variants if metrics.get(f"{v}/miou") == metrics.get("deploy/miou")
+                    and metrics.get(f"{v}/size_bytes") == metrics.get("deploy/size_bytes")), None)
+    head = ["artifact", "mIoU (%)", "Δ vs float", "size (KB)"]
     head += [f"latency {t}t (ms)" for t in threads] + [f"speed-up {t}t" for t in threads]
     rows = [head]
     if "keras/miou" in metrics:
-        rows.append(["keras", f"{100 * metrics['keras/miou']:.2f}", "", "", *[""] * (2 * len(threads))])
+        rows.append(["keras", f"{metrics['keras/miou']:.2f}", "", "", *[""] * (2 * len(threads))])
     base = "float" if "float/miou" in metrics else None
     for v in variants:
         miou = metrics.get(f"{v}/miou", float("nan"))
-        delta = "" if base is None or v == base else f"{100 * (miou - metrics[f'{base}/miou']):+.2f}"
+        delta = "" if base is None or v == base else f"{miou - metrics[f'{base}/miou']:+.2f}"
         lat = [metrics.get(f"{v}/latency_ms_t{t}", float("nan")) for t in threads]
         speed = ["" if base is None else f"{metrics[f'{base}/latency_ms_t{t}'] / lat_t:.2f}x"
                  for t, lat_t in zip(threads, lat, strict=True)]
-        rows.append([v, f"{100 * miou:.2f}", delta, f"{metrics[f'{v}/size_bytes'] / 1024:.1f}",
-                     *[f"{x:.2f}" for x in lat], *speed])
+        rows.append([v + (" *" if v == shipped else ""), f"{miou:.2f}", delta,
+                     f"{metrics[f'{v}/size_bytes'] / 1024:.1f}", *[f"{x:.2f}" for x in lat], *speed])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
+    if shipped:
+        lines.append(f"* shipped: tflite/{shipped}.tflite (its metrics are also logged as deploy/*)")
     return "\n".join(lines)
 
 
 def print_summary(cfg: DictConfig, metrics: dict[str, float]) -> None:
-    run = mlflow.active_run()
     print("\n" + summary_table(metrics, [int(t) for t in cfg.eval.latency_threads]))
-    if run is not None:
-        print(f"\nMLflow run {run.info.run_id} ({run.info.run_name}) in {cfg.tracking.tracking_uri}")
-        print(f"  browse: mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}")
+    print_run_location(cfg)
+
+
+def print_run_location(cfg: DictConfig) -> None:
+    """Where the run is: its MLflow run, output folder and the UI command and page."""
+    run = mlflow.active_run()
+    if run is None:
+        return
+    print(f"\nMLflow run {run.info.run_id} ({run.info.run_name}), files in {cfg.paths.output_dir}")
+    print(f"  browse: mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}, then "
+          f"{tracking.run_url(run.info.experiment_id, run.info.run_id)}")

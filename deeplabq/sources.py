@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
+import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from deeplabq import tracking
@@ -39,18 +40,38 @@ def _checkpoint_in(directory: Path) -> tuple[Path, bool] | None:
     return Path(latest), quantized
 
 
+RUN_CONFIGS = ("config.yaml", ".hydra/config.yaml")  # MLflow's copy of a run, Hydra's run dir
+
+
+def _run_config(run_dir: Path) -> DictConfig | None:
+    for name in RUN_CONFIGS:
+        if (run_dir / name).is_file():
+            return OmegaConf.load(run_dir / name)
+    return None
+
+
+def _run_id_of(run_dir: Path) -> str | None:
+    """The MLflow run of a run output dir (its mlflow_run.json) or of a run's artifact dir (.../<run id>/artifacts)."""
+    if (run_dir / tracking.RUN_ID_FILE).is_file():
+        return json.loads((run_dir / tracking.RUN_ID_FILE).read_text())["run_id"]
+    if run_dir.name == "artifacts" and RUN_ID.match(run_dir.parent.name):
+        return run_dir.parent.name
+    return None
+
+
+def _enclosing_run_dir(file: Path) -> Path | None:
+    """The run directory a file was written into (``<run>/tflite/int8.tflite``), if it is inside one."""
+    for parent in list(file.resolve().parents)[:3]:
+        if (parent / tracking.RUN_ID_FILE).is_file() or any((parent / name).is_file() for name in RUN_CONFIGS):
+            return parent
+    return None
+
+
 def _run_dir_source(run_dir: Path, run_id: str | None) -> ModelSource:
     found = _checkpoint_in(run_dir / CHECKPOINT_DIR) or _checkpoint_in(run_dir)
     if found is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir} (looked in {run_dir / CHECKPOINT_DIR})")
-    config = None
-    for candidate in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
-        if candidate.is_file():
-            config = OmegaConf.load(candidate)
-            break
-    if run_id is None and (run_dir / tracking.RUN_ID_FILE).is_file():
-        run_id = json.loads((run_dir / tracking.RUN_ID_FILE).read_text())["run_id"]
-    return ModelSource("checkpoint", found[0], run_id, config, found[1])
+    return ModelSource("checkpoint", found[0], run_id or _run_id_of(run_dir), _run_config(run_dir), found[1])
 
 
 def resolve_source(source: str) -> ModelSource:
@@ -62,7 +83,10 @@ def resolve_source(source: str) -> ModelSource:
     if text.endswith(".tflite"):
         if not path.is_file():
             raise FileNotFoundError(f"TFLite file {path} does not exist")
-        return ModelSource("tflite", path)
+        run_dir = _enclosing_run_dir(path)
+        if run_dir is None:
+            return ModelSource("tflite", path)
+        return ModelSource("tflite", path, _run_id_of(run_dir), _run_config(run_dir))
     if path.is_dir():
         return _run_dir_source(path, None)
     if Path(text + ".index").is_file():
@@ -75,15 +99,27 @@ def resolve_source(source: str) -> ModelSource:
                             f"prefix or an MLflow run id")
 
 
-def with_run_architecture(cfg: DictConfig, source: ModelSource) -> DictConfig:
-    """``cfg`` with backbone, head and dataset taken from the run the model was trained in (if known)."""
+RUN_GROUPS = ("backbone", "head", "dataset")
+
+
+def with_run_architecture(cfg: DictConfig, source: ModelSource, overrides: list[str] = ()) -> DictConfig:
+    """``cfg`` with backbone, head and dataset (its preprocessing included) taken from the run the model was
+    trained in, if known. What the user set on the command line (``overrides``) still wins: a ``dataset.*``
+    key, or a ``dataset=<option>`` other than the run's."""
     if source.run_config is None:
         return cfg
     merged = cfg.copy()
+    chosen = dict(o.split("=", 1) for o in overrides if "=" in o)
+    run_dataset = source.run_config.dataset.get("name") if "dataset" in source.run_config else None
+    other_dataset = chosen.get("dataset", run_dataset) != run_dataset  # the architecture always follows the run
     with open_dict(merged):
-        for key in ("backbone", "head", "dataset"):
-            if key in source.run_config:
-                merged[key] = source.run_config[key]
+        for group in RUN_GROUPS:
+            if group not in source.run_config or (group == "dataset" and other_dataset):
+                continue
+            merged[group] = source.run_config[group]
+            for key, value in chosen.items():
+                if key.startswith(f"{group}."):
+                    OmegaConf.update(merged, key, yaml.safe_load(value), force_add=True)
     return merged
 
 

@@ -1,76 +1,171 @@
-"""Hydra callback: a multirun becomes one MLflow parent run with a child run per job and a summary table.
+"""Hydra callback: a multirun becomes one MLflow parent run with a child run per job, a summary and a figure.
 
 Registered in conf/hydra/default.yaml. The parent's id reaches each job through DEEPLABQ_PARENT_RUN_ID,
 which deeplabq.tracking turns into the ``mlflow.parentRunId`` tag (the MLflow UI nests children under it).
 Works for in-process launchers (basic) and for process launchers that inherit the environment (joblib).
+
+The parent is named after what the sweep varies, carries the command line's overrides as params, points at
+the best child by ``deploy/miou`` (tags ``deeplabq.best_*``: the file to ship), and holds
+``sweep_summary.md`` and ``tradeoff.png`` (deploy mIoU against latency and size, with the float baseline).
 """
 
 from __future__ import annotations
 
+import atexit
+import math
 import os
 import tempfile
+import traceback
 from pathlib import Path
 
 import mlflow
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from deeplabq import tracking
+from deeplabq import figures, tracking
 
-PARENT_ENV = "DEEPLABQ_PARENT_RUN_ID"
-SUMMARY_METRICS = ("miou", "size_bytes", "latency_ms_t1", "latency_ms_t2")
+# Runs with equal values of these params are comparable: the float run among them is the baseline.
+BASELINE_KEYS = ("dataset.name", "dataset.crop_size", "backbone.depth_multiplier", "backbone.output_stride",
+                 "head.name", "train.steps")
 
 
-def children_summary(parent_run_id: str) -> str:
-    """Markdown table of the child runs: one row per job, one column group per artifact."""
-    client = MlflowClient()
-    parent = client.get_run(parent_run_id)
-    children = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-        order_by=["attributes.start_time ASC"],
-    )
-    rows = []
-    for child in children:
-        metrics = child.data.metrics
-        artifacts = sorted({k.split("/")[0] for k in metrics if k.endswith("/size_bytes")})
-        cells = []
-        for artifact in artifacts:
-            values = [metrics.get(f"{artifact}/{m}") for m in SUMMARY_METRICS]
-            shown = [f"{100 * values[0]:.2f}" if values[0] is not None else "-",
-                     f"{values[1] / 1024:.0f} KB" if values[1] is not None else "-",
-                     *[f"{v:.1f} ms" if v is not None else "-" for v in values[2:]]]
-            cells.append(f"{artifact}: mIoU {shown[0]}, {shown[1]}, {shown[2]} (1t) / {shown[3]} (2t)")
-        rows.append(f"| {child.info.run_name} | {child.info.status} | {'<br>'.join(cells) or '-'} |")
-    header = "| job | status | artifacts (mIoU, size, latency) |\n|---|---|---|"
-    return "\n".join([header, *rows])
+def sweep_overrides(task_overrides) -> dict[str, tuple[str, bool]]:
+    """``{key: (value as typed, is swept)}`` of the command line, without where-to-log keys."""
+    parsed = OverridesParser.create().parse_overrides(list(task_overrides))
+    return {o.get_key_element(): (o.input_line.split("=", 1)[1], o.is_sweep_override()) for o in parsed
+            if not o.get_key_element().startswith(("tracking.", "hydra.", "hydra/"))}
+
+
+def _key(run) -> tuple:
+    return tuple(run.data.params.get(k) for k in BASELINE_KEYS)
+
+
+def float_baselines(client: MlflowClient, experiment_id: str, children: list) -> dict[tuple, object]:
+    """The float run each child compares with: a float child of the sweep, else the newest finished float run
+    of the experiment with the same dataset, crop, backbone, head and steps."""
+    wanted = {_key(c) for c in children}
+    found = {_key(c): c for c in children
+             if c.data.params.get("quant.mode") == "float" and c.info.status == "FINISHED"}
+    if wanted - set(found):
+        candidates = client.search_runs([experiment_id], "params.`quant.mode` = 'float' and "
+                                        "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+                                        max_results=500)
+        for run in candidates:
+            if _key(run) in wanted and _key(run) not in found and "deploy/miou" in run.data.metrics:
+                found[_key(run)] = run
+    return found
+
+
+def _label(names: list[str]) -> list[str]:
+    """Run names without the dash-separated parts that all of them share (what differs, for a legend)."""
+    parts = [n.split("-") for n in names]
+    common = set.intersection(*map(set, parts)) if len(parts) > 1 else set()
+    return ["-".join(p for p in name if p not in common) or "-".join(name) for name in parts]
+
+
+def _cell(value, fmt: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def summarize(client: MlflowClient, parent) -> tuple[str, list[dict], object | None]:
+    """The summary table (markdown), the trade-off points and the best finished child by deploy/miou."""
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                  order_by=["attributes.start_time ASC"])
+    baselines = float_baselines(client, parent.info.experiment_id, children)
+    rows = ["| job | status | mode | delay | dm | ships | deploy mIoU (%) | Δ vs float | size (KB) | "
+            "latency 1t / 2t (ms) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    points = []
+    for child, label in zip(children, _label([c.info.run_name for c in children]), strict=True):
+        m, p = child.data.metrics, child.data.params
+        base = baselines.get(_key(child))
+        delta = (m["deploy/miou"] - base.data.metrics["deploy/miou"] if base is not None and "deploy/miou" in m
+                 else m.get("deploy/delta_miou"))
+        mode = p.get("quant.mode", "?")
+        cells = [child.info.run_name, child.info.status, mode,
+                 p.get("quant.delay_steps") if mode == "qat_delayed" else "–", p.get("backbone.depth_multiplier", "?"),
+                 child.data.tags.get("deeplabq.deploy_artifact", "–"), _cell(m.get("deploy/miou"), ".2f"),
+                 _cell(delta, "+.2f"), _cell(m.get("deploy/size_bytes", math.nan) / 1024, ".0f"),
+                 f"{_cell(m.get('deploy/latency_ms_t1'), '.2f')} / {_cell(m.get('deploy/latency_ms_t2'), '.2f')}"]
+        rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+        if child.info.status == "FINISHED" and "deploy/miou" in m:
+            points.append({"name": label, "miou": m["deploy/miou"], "size_bytes": m.get("deploy/size_bytes"),
+                           "latency_ms": m.get("deploy/latency_ms_t1", math.nan), "run": child})
+    for base in {b.info.run_id: b for b in baselines.values()}.values():
+        if base.info.run_id not in {c.info.run_id for c in children}:
+            m = base.data.metrics
+            points.append({"name": f"float baseline ({base.info.run_name})", "miou": m["deploy/miou"],
+                           "size_bytes": m.get("deploy/size_bytes"), "latency_ms": m.get("deploy/latency_ms_t1"),
+                           "baseline": True})
+        else:
+            next(p for p in points if p.get("run") is base)["baseline"] = True
+    finished = [c for c in children if c.info.status == "FINISHED" and "deploy/miou" in c.data.metrics]
+    best = max(finished, key=lambda c: c.data.metrics["deploy/miou"], default=None)
+    return "\n".join(rows), points, best
 
 
 class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self.parent_run_id: str | None = None
+        self.config: DictConfig | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         experiment_id = tracking.setup_mlflow(config.tracking)
-        overrides = " ".join(config.hydra.overrides.task)
-        run = MlflowClient().create_run(
-            experiment_id, run_name=f"sweep {overrides}"[:250],
-            tags={"deeplabq.sweep": "parent", "deeplabq.sweep_overrides": overrides},
-        )
-        self.parent_run_id = run.info.run_id
-        os.environ[PARENT_ENV] = self.parent_run_id
+        overrides = sweep_overrides(config.hydra.overrides.task)
+        swept = " ".join(f"{k}={v}" for k, (v, is_swept) in overrides.items() if is_swept)
+        client = MlflowClient()
+        run = client.create_run(experiment_id, run_name=f"sweep {swept}"[:120], tags={
+            "deeplabq.sweep": "parent", "deeplabq.task": "sweep",
+            "deeplabq.sweep_overrides": " ".join(f"{k}={v}" for k, (v, _) in overrides.items())})
+        client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, (v, _) in overrides.items()])
+        self.parent_run_id, self.config = run.info.run_id, config
+        os.environ[tracking.PARENT_ENV] = self.parent_run_id
+        atexit.register(self._close, failed=True)  # a job that raised ends the multirun without on_multirun_end
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        self._close(failed=False)
+
+    def _close(self, failed: bool) -> None:
         if self.parent_run_id is None:
             return
+        run_id, self.parent_run_id = self.parent_run_id, None
+        atexit.unregister(self._close)
+        os.environ.pop(tracking.PARENT_ENV, None)
+        mlflow.set_tracking_uri(self.config.tracking.tracking_uri)
         client = MlflowClient()
-        summary = children_summary(self.parent_run_id)
+        try:
+            failed = self._summarize(client, client.get_run(run_id)) or failed
+        except Exception:  # Hydra would turn it into a warning: say it, and never leave the parent RUNNING
+            traceback.print_exc()
+            failed = True
+        finally:
+            client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+    def _summarize(self, client: MlflowClient, parent) -> bool:
+        """Log the summary, the figure and the best child on the parent and print them; True if a job failed."""
+        run_id = parent.info.run_id
+        table, points, best = summarize(client, parent)
+        failed = "| FAILED |" in table
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "sweep_summary.md"
-            path.write_text(summary + "\n")
-            client.log_artifact(self.parent_run_id, str(path))
-        failed = "| FAILED |" in summary
-        client.set_terminated(self.parent_run_id, status="FAILED" if failed else "FINISHED")
-        os.environ.pop(PARENT_ENV, None)
-        print(f"\nsweep parent run {self.parent_run_id}:\n{summary}")
-        mlflow.set_tracking_uri(config.tracking.tracking_uri)
+            (Path(tmp) / "sweep_summary.md").write_text(table + "\n")
+            client.log_artifact(run_id, str(Path(tmp) / "sweep_summary.md"))
+            if points:
+                figures.tradeoff_figure(points, Path(tmp) / "tradeoff.png", title=f"{parent.info.run_name}: "
+                                        "deploy mIoU against latency (1 thread) and size")
+                client.log_artifact(run_id, str(Path(tmp) / "tradeoff.png"))
+        lines = [f"\n{parent.info.run_name}: parent run {run_id}" + (", a job FAILED" if failed else ""), table]
+        if best is not None:
+            shipped = best.data.tags.get("deeplabq.deploy_artifact", "")
+            client.log_metric(run_id, "best/deploy_miou", best.data.metrics["deploy/miou"])
+            for key, value in {"deeplabq.best_run_id": best.info.run_id, "deeplabq.best_run_name": best.info.run_name,
+                               "deeplabq.best_file": f"runs:/{best.info.run_id}/tflite/{shipped}.tflite"}.items():
+                client.set_tag(run_id, key, value)
+            lines.append(f"best: {best.info.run_name}, deploy/miou {best.data.metrics['deploy/miou']:.2f} %, "
+                         f"ships runs:/{best.info.run_id}/tflite/{shipped}.tflite")
+        lines.append(f"browse: mlflow ui --backend-store-uri {self.config.tracking.tracking_uri}, then "
+                     f"{tracking.run_url(parent.info.experiment_id, run_id)}")
+        print("\n".join(lines))
+        return failed

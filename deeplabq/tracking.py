@@ -9,9 +9,11 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+PARENT_ENV = "DEEPLABQ_PARENT_RUN_ID"  # set by a sweep or compare.py: its jobs become child runs
 RUN_ID_FILE = "mlflow_run.json"  # in the job's output dir: lets `resume=true` continue the same run
 MAX_PARAM_LENGTH = 6000
 
@@ -58,10 +60,8 @@ def flatten_config(cfg: DictConfig) -> dict[str, str]:
 def group_choices(cfg: DictConfig) -> dict[str, str]:
     """The group options a run was composed from (from Hydra when running under it, else from values)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         choices = dict(HydraConfig.get().runtime.choices)
-    except (ValueError, ImportError):
+    except ValueError:
         choices = {}
     backbone = f"mnv2_dm{int(round(float(cfg.backbone.depth_multiplier) * 100)):03d}"
     return {
@@ -74,17 +74,41 @@ def group_choices(cfg: DictConfig) -> dict[str, str]:
 
 
 def run_name(cfg: DictConfig) -> str:
+    """Short, with what usually differs between runs first: mode, delay, depth multiplier, output stride,
+    head, dataset (``qat_delayed-d100-dm0.5-os16-synthetic``)."""
     if cfg.tracking.get("run_name"):
         return str(cfg.tracking.run_name)
-    c = group_choices(cfg)
-    name = f"{c['dataset']}-{c['backbone']}-os{cfg.backbone.output_stride}-{c['head']}-{c['quant']}"
-    if cfg.quant.mode == "qat_delayed":
-        name += f"-delay{cfg.quant.delay_steps}"
-    task = str(cfg.get("task", "train"))
-    return name if task == "train" else f"{task}-{name}"
+    mode = str(cfg.quant.mode)
+    parts = [mode]
+    if mode == "qat_delayed":
+        parts.append(f"d{cfg.quant.delay_steps}")
+    elif mode == "ptq":
+        parts.append(str(cfg.quant.scheme))
+    parts += [f"dm{float(cfg.backbone.depth_multiplier):g}", f"os{cfg.backbone.output_stride}"]
+    if cfg.head.decoder_output_stride is not None:
+        parts.append("v3plus")
+    parts.append(str(cfg.dataset.name))
+    return "-".join(parts)
 
 
-def run_tags(cfg: DictConfig) -> dict[str, str]:
+def with_run_name(cfg: DictConfig, name: str) -> DictConfig:
+    """``cfg`` with ``tracking.run_name`` set to ``name`` unless the user chose one."""
+    if cfg.tracking.get("run_name"):
+        return cfg
+    named = cfg.copy()
+    named.tracking.run_name = name
+    return named
+
+
+def command_line_overrides() -> list[str]:
+    """The overrides the user typed for this job (``key=value``), when running under Hydra."""
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under @hydra.main (tests compose configs directly)
+        return []
+
+
+def run_tags(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, str]:
     c = group_choices(cfg)
     tags = {f"deeplabq.{k}": v for k, v in c.items()}
     tags.update(
@@ -95,7 +119,7 @@ def run_tags(cfg: DictConfig) -> dict[str, str]:
             "deeplabq.output_stride": str(cfg.backbone.output_stride),
         }
     )
-    parent = os.environ.get("DEEPLABQ_PARENT_RUN_ID")
+    parent = parent_run_id or os.environ.get(PARENT_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent
     tags.update({str(k): str(v) for k, v in (cfg.tracking.get("tags") or {}).items()})
@@ -110,16 +134,15 @@ def _existing_run_id(output_dir: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def tracked_run(cfg: DictConfig, output_dir: Path, *, resume: bool = False, run_id: str | None = None):
+def tracked_run(cfg: DictConfig, output_dir: Path, *, resume: bool = False, parent_run_id: str | None = None):
     """Start (or resume) the MLflow run of a job; mark it FAILED if the body raises.
 
-    On a fresh run logs the flattened resolved config as params, the resolved config file and tags.
-    ``run_id`` re-opens an existing run (e.g. convert.py logging into the run it converts).
+    On a fresh run logs the flattened resolved config as params, the resolved config file and tags;
+    ``parent_run_id`` nests it under another run (evaluate.py and convert.py under the run of their source).
     """
     experiment_id = setup_mlflow(cfg.tracking)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if run_id is None and resume:
-        run_id = _existing_run_id(output_dir)
+    run_id = _existing_run_id(output_dir) if resume else None
     if run_id is not None:
         check_run_exists(run_id)
     fresh = run_id is None
@@ -127,7 +150,7 @@ def tracked_run(cfg: DictConfig, output_dir: Path, *, resume: bool = False, run_
         run_id=run_id,
         experiment_id=None if run_id else experiment_id,
         run_name=run_name(cfg) if fresh else None,
-        tags=run_tags(cfg) if fresh else None,
+        tags=run_tags(cfg, parent_run_id) if fresh else None,
     )
     try:
         if fresh:
@@ -154,6 +177,11 @@ def check_run_exists(run_id: str) -> None:
         raise RunNotFoundError(
             f"MLflow run '{run_id}' does not exist in the tracking store {mlflow.get_tracking_uri()}"
         ) from error
+
+
+def run_url(experiment_id: str, run_id: str, base_url: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page of a run (``mlflow ui`` serves on 127.0.0.1:5000 by default)."""
+    return f"{base_url}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

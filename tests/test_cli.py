@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from .conftest import ROOT, TINY, only_run
 
@@ -37,19 +36,6 @@ def test_unknown_config_key_is_refused(tmp_path):
     assert "stepz" in done.stderr
 
 
-def test_train_then_evaluate_tflite_and_run(tmp_path):
-    run_cli("train.py", tmp_path, *TINY)
-    tflite = tmp_path / "run" / "tflite" / "float.tflite"
-    assert tflite.is_file()
-    done = run_cli("evaluate.py", tmp_path, *TINY_EVAL, f"source={tflite}", output="eval")
-    assert "mIoU" in done.stdout
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    evaluated = [r for r in runs if r.data.tags.get("deeplabq.task") == "evaluate"]
-    assert len(evaluated) == 1 and "float/miou" in evaluated[0].data.metrics
-    assert "float/latency_ms_t2" in evaluated[0].data.metrics
-
-
 def test_evaluate_refuses_a_truncated_tflite_file(tmp_path):
     broken = tmp_path / "broken.tflite"
     broken.write_bytes(b"TFL3" + b"\0" * 100)
@@ -61,31 +47,3 @@ def test_evaluate_refuses_a_truncated_tflite_file(tmp_path):
 def test_evaluate_refuses_an_unknown_run_id(tmp_path):
     done = run_cli("evaluate.py", tmp_path, *TINY_EVAL, "source=0123456789abcdef0123456789abcdef", expect=2)
     assert "MLflow run '0123456789abcdef0123456789abcdef' does not exist" in done.stderr
-
-
-@pytest.mark.parametrize(
-    "sweep, children",
-    [
-        # the basic launcher, one job after the other; `-m quant=a,b quant.delay_steps=...` over quant modes
-        (["quant=float,qat_delayed", "quant.delay_steps=6"], {"float": "float/miou", "delay6": "qat_int8/miou"}),
-        # joblib: two jobs at once writing to one sqlite store
-        (["quant=qat_delayed", "quant.delay_steps=0,6", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
-         {"delay0": "qat_int8/miou", "delay6": "qat_int8/miou"}),
-    ],
-    ids=["basic", "joblib"],
-)
-def test_sweep_is_one_parent_run_with_a_child_per_job(tmp_path, sweep, children):
-    done = run_cli("train.py", tmp_path, "-m", *TINY, *sweep)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    parents = [r for r in runs if r.data.tags.get("deeplabq.sweep") == "parent"]
-    assert len(parents) == 1, [r.info.run_name for r in runs]
-    parent = parents[0]
-    found = {r.info.run_name.rsplit("-", 1)[-1]: r for r in runs if r.data.tags.get("mlflow.parentRunId") ==
-             parent.info.run_id}
-    assert sorted(found) == sorted(children)
-    for suffix, metric in children.items():
-        assert found[suffix].info.status == "FINISHED" and metric in found[suffix].data.metrics, suffix
-    assert parent.info.status == "FINISHED"
-    assert "sweep_summary.md" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert "qat_int8: mIoU" in done.stdout

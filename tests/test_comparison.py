@@ -29,7 +29,7 @@ def test_table_of_finished_stages_times_every_file_again(tmp_path):
             if file_stage == stage:
                 (out / "dm0.5" / stage / "tflite").mkdir(parents=True, exist_ok=True)
                 (out / "dm0.5" / stage / "tflite" / f"{artifact}.tflite").write_bytes(tflite)
-                metrics.update({f"{artifact}/miou": 0.5 if artifact == "float" else 0.49,
+                metrics.update({f"{artifact}/miou": 50.0 if artifact == "float" else 49.0,
                                 f"{artifact}/size_bytes": len(tflite),
                                 f"{artifact}/latency_ms_t1": 1e6, f"{artifact}/latency_ms_t2": 1e6})
         (out / "dm0.5" / stage / "metrics.json").write_text(json.dumps(metrics))

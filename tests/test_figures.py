@@ -40,8 +40,8 @@ def test_colorize_maps_ignore_to_black_and_classes_to_distinct_colours():
 
 
 def test_per_class_iou_figure_with_a_missing_class(tmp_path):
-    ious = {"float": {"road": 0.9, "sky": 0.8, "car": 0.5, "person": 0.3},
-            "int8": {"road": 0.88, "sky": 0.79, "car": float("nan")}}  # car NaN, person missing: gaps
+    ious = {"float": {"road": 90.0, "sky": 80.0, "car": 50.0, "person": 30.0},
+            "int8": {"road": 88.0, "sky": 79.0, "car": float("nan")}}  # car NaN, person missing: gaps
     path = figures.per_class_iou_figure(ious, CLASSES, tmp_path / "out" / "iou.png")
     assert_png(path)
 
@@ -82,18 +82,18 @@ def test_overlay_figure_keeps_at_most_four_rows(tmp_path):
 
 def test_tradeoff_figure(tmp_path):
     points = [
-        {"name": "float", "miou": 0.70, "latency_ms": 40.0, "size_bytes": 8_000_000, "baseline": True},
-        {"name": "int8", "miou": 0.68, "latency_ms": 15.0, "size_bytes": 2_100_000},
-        {"name": "int8", "miou": 0.66, "latency_ms": 9.0, "size_bytes": 900_000},  # a repeated name
-        {"name": "float16", "miou": 0.70, "latency_ms": float("nan"), "size_bytes": 4_000_000},
-        {"name": "qat_int8", "miou": 0.69, "size_bytes": 2_100_000},  # no latency at all
+        {"name": "float", "miou": 70.0, "latency_ms": 40.0, "size_bytes": 8_000_000, "baseline": True},
+        {"name": "int8", "miou": 68.0, "latency_ms": 15.0, "size_bytes": 2_100_000},
+        {"name": "int8", "miou": 66.0, "latency_ms": 9.0, "size_bytes": 900_000},  # a repeated name
+        {"name": "float16", "miou": 70.0, "latency_ms": float("nan"), "size_bytes": 4_000_000},
+        {"name": "qat_int8", "miou": 69.0, "size_bytes": 2_100_000},  # no latency at all
     ]
     assert_png(figures.tradeoff_figure(points, tmp_path / "tradeoff.png"))
 
 
 def test_tradeoff_figure_with_one_point_and_no_latency(tmp_path):
-    one = [{"name": "float", "miou": 0.5, "latency_ms": 12.0, "size_bytes": 1_000_000, "baseline": True}]
+    one = [{"name": "float", "miou": 50.0, "latency_ms": 12.0, "size_bytes": 1_000_000, "baseline": True}]
     assert_png(figures.tradeoff_figure(one, tmp_path / "one.png", title="one point"))
-    nan = [{"name": "int8", "miou": 0.5, "latency_ms": float("nan"), "size_bytes": 1_000_000}]
+    nan = [{"name": "int8", "miou": 50.0, "latency_ms": float("nan"), "size_bytes": 1_000_000}]
     assert_png(figures.tradeoff_figure(nan, tmp_path / "nan.png"))
 

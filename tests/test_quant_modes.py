@@ -36,11 +36,11 @@ def test_delayed_qat_switches_fake_quantization_on_at_the_delay(tmp_path):
     run = only_run(tmp_path, status="FINISHED")
     started = MlflowClient().get_metric_history(run.info.run_id, "quantization_started")
     assert [m.step for m in started] == [6]
-    for key in ("qat_int8/miou", "qat_int8/size_bytes", "qat_int8/latency_ms_t1", "qat_int8/agreement", "miou"):
+    for key in ("qat_int8/miou", "qat_int8/size_bytes", "qat_int8/latency_ms_t1", "qat_int8/agreement"):
         assert key in run.data.metrics, key
-    assert metrics["miou"] == metrics["qat_int8/miou"]
+    assert metrics["deploy/miou"] == metrics["qat_int8/miou"] and "deploy/delta_miou" not in metrics
     assert (tmp_path / "run" / "tflite" / "qat_int8.tflite").is_file()
-    assert run.info.run_name.endswith("qat_delayed-delay6")
+    assert run.info.run_name == "qat_delayed-d6-dm0.5-os16-synthetic"
 
 
 def test_before_the_delay_the_model_is_the_float_model_after_it_fake_quant_is_active(tmp_path, float_run):
@@ -69,6 +69,7 @@ def test_qat_finetune_from_a_float_run(tmp_path, float_run):
     metrics = train(cfg, tmp_path / "run")
     run = only_run(tmp_path, status="FINISHED")
     assert {"keras_float/miou", "qat_int8/miou", "qat_int8/size_bytes"} <= set(run.data.metrics)
+    assert metrics["deploy/delta_miou"] == pytest.approx(metrics["qat_int8/miou"] - metrics["keras_float/miou"])
     assert metrics["qat_int8/agreement"] > 0.5
     assert run.data.tags["deeplabq.float_checkpoint"].startswith("checkpoint")
 
@@ -79,7 +80,7 @@ def test_ptq_from_a_float_run(tmp_path, float_run, scheme):
                                     f"quant.float_checkpoint={run_id_of(float_run)}",
                                     f"tracking.tracking_uri=sqlite:///{float_run.parent / 'mlflow.db'}"])
     metrics = train(cfg, tmp_path / "run")
-    assert metrics["miou"] == metrics[f"{scheme}/miou"]
+    assert metrics["deploy/miou"] == metrics[f"{scheme}/miou"]
     assert (tmp_path / "run" / "tflite" / f"{scheme}.tflite").is_file()
     assert metrics[f"{scheme}/size_bytes"] < metrics["float/size_bytes"]
     if scheme == "int8":

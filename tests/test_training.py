@@ -35,15 +35,16 @@ def test_float_run_loss_falls_and_everything_is_logged(trained):
     assert params["backbone.depth_multiplier"] == "0.5"
     assert params["train.steps"] == "24"
     assert run.data.tags["deeplabq.quant"] == "float"
-    assert run.info.run_name.startswith("synthetic-mnv2_dm050-os16-deeplabv3-float")
+    assert run.info.run_name == "float-dm0.5-os16-synthetic"
     for key in ("keras/miou", "keras/pixel_accuracy", "float/miou", "float/size_bytes", "float/latency_ms_t1",
                 "float/latency_ms_t2", "float/agreement", "float/xnnpack_partitions", "dynamic_range/miou",
-                "images_per_sec", "learning_rate", "miou"):
+                "images_per_sec", "learning_rate", "deploy/miou", "deploy/size_bytes", "deploy/latency_ms_t1"):
         assert key in run.data.metrics, key
     assert any(k.startswith("float/iou/") for k in run.data.metrics)
     assert run.data.metrics["float/agreement"] >= 0.99
     assert run.data.metrics["float/xnnpack_partitions"] == 1
-    assert metrics["miou"] == pytest.approx(run.data.metrics["float/miou"])
+    assert metrics["deploy/miou"] == pytest.approx(run.data.metrics["float/miou"])
+    assert 0 <= run.data.metrics["deploy/miou"] <= 100 and run.data.metrics["deploy/delta_miou"] == 0  # percent
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoints", "tflite"} <= artifacts
     tflite = {a.path for a in client.list_artifacts(run.info.run_id, "tflite")}
