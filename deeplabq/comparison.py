@@ -15,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from deeplabq import tracking
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {
@@ -135,14 +137,12 @@ def run_comparison(recipe: str, depth_multipliers: list[float], overrides: list[
     for dm in depth_multipliers:
         if dm not in BACKBONES:
             raise ValueError(f"--depth-multipliers: {dm} has no backbone option; choose from {sorted(BACKBONES)}")
-    mlflow.set_tracking_uri(tracking_uri)
+    experiment_id = tracking.setup_mlflow(OmegaConf.create(
+        {"tracking_uri": tracking_uri, "experiment_name": "deeplabq", "artifact_location": str(ROOT / "mlartifacts")}))
     client = MlflowClient()
-    experiment = client.get_experiment_by_name("deeplabq")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
-        "deeplabq", artifact_location=(ROOT / "mlartifacts").resolve().as_uri())
     parent = client.create_run(experiment_id, run_name=f"compare {recipe} dm{depth_multipliers}",
                                tags={"deeplabq.sweep": "parent", "deeplabq.recipe": recipe})
-    env = {**os.environ, "DEEPLABQ_PARENT_RUN_ID": parent.info.run_id}
+    env = {**os.environ, tracking.PARENT_ENV: parent.info.run_id}
     rows = []
     try:
         for dm in depth_multipliers:
