@@ -88,7 +88,7 @@ def view_state(columns=None, *, order_by: str = DEFAULT_ORDER_BY, ascending: boo
         # The UI applies widths to the columns of columnOrder only; the run name column is wider than its
         # default 190 px so that deeplabq's run names (dataset-backbone-os-head-quant) are readable.
         "columnOrder": [RUN_NAME_COLUMN, *columns],
-        "columnWidths": {RUN_NAME_COLUMN: 320, **{c: _header_width(c, sorted_by=c == order_by) for c in columns}},
+        "columnWidths": {RUN_NAME_COLUMN: 360, **{c: _header_width(c, sorted_by=c == order_by) for c in columns}},
         "runsHiddenMode": "SHOW_ALL",  # every run in the chart view, not the first 10
     }
 
