@@ -38,6 +38,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # "Machine learning" in the UI; the other choice is genai_development
 SAVED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 WORKFLOW_TYPE = "machine_learning"  # the sidebar's "Model training"; the default is "genai"
+RUNS_PAGE_MODES = ("TABLE", "CHART", "ARTIFACT")  # compareRunsMode: the runs page's table / chart / artifact views
 
 DEPLOY_METRICS = (
     "deploy/miou",
@@ -181,17 +182,24 @@ def _read_envelope(value: str | None) -> dict | None:
         return None  # a view written by the UI (deflate-compressed state) or something else: rewrite it
 
 
-def runs_view_url(base_url: str, experiment_id: str, columns=None, *, view_id: str | None = None,
-                  workflow_type: str = WORKFLOW_TYPE) -> str:
+def runs_view_url(
+    base_url: str, experiment_id: str, columns=None, *, view_id: str | None = None,
+    workflow_type: str = WORKFLOW_TYPE, mode: str | None = None,
+) -> str:
     """URL of the experiment's runs table showing ``columns`` (default: deploy metrics and swept params).
 
     The UI takes no column list from a URL, so the URL names the saved view that ``configure_experiment``
     wrote for the same columns (``viewStateShareKey``); sorting and filters come from that view too.
     ``workflowType`` makes the sidebar show the model-training navigation instead of the GenAI one.
+    ``mode``: ``CHART`` opens the chart view (a "deploy" section of bar charts first), ``TABLE`` is the default.
     """
+    if mode is not None and mode not in RUNS_PAGE_MODES:
+        raise ValueError(f"mode must be one of {RUNS_PAGE_MODES}, got {mode!r}")
     view_id = view_id or view_id_for(columns)
-    query = urlencode({"workflowType": workflow_type, "viewStateShareKey": view_id})
-    return f"{experiment_url(base_url, experiment_id, tab='runs')}?{query}"
+    args = {"workflowType": workflow_type, "viewStateShareKey": view_id}
+    if mode is not None:
+        args["compareRunsMode"] = mode  # not a search facet: the view still applies
+    return f"{experiment_url(base_url, experiment_id, tab='runs')}?{urlencode(args)}"
 
 
 def experiment_url(base_url: str, experiment_id: str, tab: str = "runs") -> str:

@@ -110,6 +110,13 @@ def test_runs_view_url_is_well_formed():
     assert not {"searchFilter", "orderByKey", "orderByAsc"} & set(parse_qs(query))
 
 
+def test_runs_view_url_chart_mode():
+    url = mv.runs_view_url("http://h", "7", mode="CHART")
+    assert parse_qs(urlsplit(url).fragment.partition("?")[2])["compareRunsMode"] == ["CHART"]
+    with pytest.raises(ValueError, match="mode"):
+        mv.runs_view_url("http://h", "7", mode="chart")
+
+
 def test_page_urls():
     assert mv.experiment_url("http://h:1", "3") == "http://h:1/#/experiments/3/runs"
     assert mv.run_url("http://h:1", "3", "abc") == "http://h:1/#/experiments/3/runs/abc?workflowType=machine_learning"
