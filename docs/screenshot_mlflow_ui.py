@@ -7,6 +7,7 @@ Installs Debian's chromium if it is missing (apt-get, as root), starts ``mlflow 
 the latest sweep) unless --no-configure, and saves with headless chromium:
 
   docs/mlflow_runs_table.png    the experiment's runs table, deploy metrics and swept params as columns
+  docs/mlflow_runs_charts.png   the same runs in the runs page's chart view (the "deploy" charts first)
   docs/mlflow_sweep_children.png  the latest sweep's child runs, same columns
   docs/mlflow_sweep_parent.png  the sweep's parent run page (its child runs under "About this run")
   docs/mlflow_compare.png       the Compare Runs page of the sweep's children
@@ -151,10 +152,12 @@ def main() -> None:
         try:
             base = f"http://{HOST}:{port}"
 
-            def shoot(name: str, url: str, window: str = args.window_size) -> None:
-                screenshot(chromium, url, args.out_dir / name, window, args.budget_ms)
+            def shoot(name: str, url: str, window: str = args.window_size, budget_ms: int = args.budget_ms) -> None:
+                screenshot(chromium, url, args.out_dir / name, window, budget_ms)
 
             shoot("mlflow_runs_table.png", mlflow_view.runs_view_url(base, experiment_id))
+            charts = mlflow_view.runs_view_url(base, experiment_id, mode="CHART")
+            shoot("mlflow_runs_charts.png", charts, budget_ms=3 * args.budget_ms)  # the plot library loads lazily
             if parent is None:
                 print("no sweep parent run (tag deeplabq.sweep = parent): no sweep or compare screenshots")
                 return
