@@ -251,5 +251,4 @@ def print_run_location(cfg: DictConfig) -> None:
     if run is None:
         return
     print(f"\nMLflow run {run.info.run_id} ({run.info.run_name}), files in {cfg.paths.output_dir}")
-    print(f"  browse: mlflow ui --backend-store-uri {cfg.tracking.tracking_uri}, then "
-          f"{tracking.run_url(run.info.experiment_id, run.info.run_id)}")
+    print(tracking.browse_lines(cfg.tracking.tracking_uri, run.info.experiment_id, run.info.run_id))

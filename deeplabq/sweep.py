@@ -25,7 +25,7 @@ from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from deeplabq import figures, tracking
+from deeplabq import figures, mlflow_view, tracking
 
 # Runs with equal values of these params are comparable: the float run among them is the baseline.
 BASELINE_KEYS = ("dataset.name", "dataset.crop_size", "backbone.depth_multiplier", "backbone.output_stride",
@@ -165,7 +165,9 @@ class MlflowSweepCallback(Callback):
                 client.set_tag(run_id, key, value)
             lines.append(f"best: {best.info.run_name}, deploy/miou {best.data.metrics['deploy/miou']:.2f} %, "
                          f"ships runs:/{best.info.run_id}/tflite/{shipped}.tflite")
-        lines.append(f"browse: mlflow ui --backend-store-uri {self.config.tracking.tracking_uri}, then "
-                     f"{tracking.run_url(parent.info.experiment_id, run_id)}")
+        view = mlflow_view.configure_sweep_view(client, parent.info.experiment_id, run_id)
+        lines.append(tracking.browse_lines(self.config.tracking.tracking_uri, parent.info.experiment_id, run_id))
+        base = tracking.ui_base_url(self.config.tracking.tracking_uri)
+        lines.append(f"  this sweep's runs: {mlflow_view.runs_view_url(base, parent.info.experiment_id, view_id=view)}")
         print("\n".join(lines))
         return failed

@@ -13,8 +13,11 @@ from hydra.core.hydra_config import HydraConfig
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from deeplabq import mlflow_view
+
 PARENT_ENV = "DEEPLABQ_PARENT_RUN_ID"  # set by a sweep or compare.py: its jobs become child runs
 RUN_ID_FILE = "mlflow_run.json"  # in the job's output dir: lets `resume=true` continue the same run
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves
 MAX_PARAM_LENGTH = 6000
 
 
@@ -23,21 +26,39 @@ class RunNotFoundError(ValueError):
 
 
 def setup_mlflow(tracking_cfg) -> str:
-    """Point MLflow at the configured store and return the experiment id (created if needed)."""
+    """Point MLflow at the configured store and return the experiment id (created if needed), with the saved
+    runs view of the deploy metrics that :func:`ui_url` links to (see deeplabq.mlflow_view)."""
     mlflow.set_tracking_uri(tracking_cfg.tracking_uri)
     client = MlflowClient()
     experiment = client.get_experiment_by_name(tracking_cfg.experiment_name)
     if experiment is not None:
-        return experiment.experiment_id
-    location = tracking_cfg.artifact_location
-    if location and "://" not in str(location):
-        Path(location).mkdir(parents=True, exist_ok=True)
-        location = Path(location).resolve().as_uri()
-    try:
-        return client.create_experiment(tracking_cfg.experiment_name, artifact_location=location)
-    except mlflow.exceptions.MlflowException:
-        # Another job of a parallel sweep created it first.
-        return client.get_experiment_by_name(tracking_cfg.experiment_name).experiment_id
+        experiment_id = experiment.experiment_id
+    else:
+        location = tracking_cfg.artifact_location
+        if location and "://" not in str(location):
+            Path(location).mkdir(parents=True, exist_ok=True)
+            location = Path(location).resolve().as_uri()
+        try:
+            experiment_id = client.create_experiment(tracking_cfg.experiment_name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            # Another job of a parallel sweep created it first.
+            experiment_id = client.get_experiment_by_name(tracking_cfg.experiment_name).experiment_id
+    mlflow_view.configure_experiment(client, experiment_id)
+    return experiment_id
+
+
+def ui_base_url(tracking_uri: str) -> str:
+    """The MLflow UI of a store: the tracking server itself, or what ``mlflow ui`` serves for a local store."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
+def browse_lines(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """How to look at a run: the UI command for a local store, the run's page and the runs table."""
+    start = "" if tracking_uri.startswith(("http://", "https://")) else \
+        f"mlflow ui --backend-store-uri {tracking_uri}, then "
+    base = ui_base_url(tracking_uri)
+    return (f"  browse: {start}{mlflow_view.run_url(base, experiment_id, run_id)}\n"
+            f"  all runs, deploy columns: {mlflow_view.runs_view_url(base, experiment_id)}")
 
 
 def flatten_config(cfg: DictConfig) -> dict[str, str]:
@@ -177,11 +198,6 @@ def check_run_exists(run_id: str) -> None:
         raise RunNotFoundError(
             f"MLflow run '{run_id}' does not exist in the tracking store {mlflow.get_tracking_uri()}"
         ) from error
-
-
-def run_url(experiment_id: str, run_id: str, base_url: str = "http://127.0.0.1:5000") -> str:
-    """The MLflow UI page of a run (``mlflow ui`` serves on 127.0.0.1:5000 by default)."""
-    return f"{base_url}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

@@ -10,10 +10,17 @@ from mlflow.tracking import MlflowClient
 from deeplabq import mlflow_view as mv
 
 
+@pytest.fixture(scope="module")
+def sqlite_store(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("mlflow_view")
+    return MlflowClient(f"sqlite:///{folder / 'mlflow.db'}"), folder  # one store: creating one takes seconds
+
+
 @pytest.fixture
-def store(tmp_path):
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    experiment_id = client.create_experiment("deeplabq", artifact_location=(tmp_path / "art").as_uri())
+def store(sqlite_store, request):
+    client, folder = sqlite_store
+    experiment_id = client.create_experiment(f"deeplabq-{request.node.name}",
+                                             artifact_location=(folder / "art").as_uri())
     return client, experiment_id
 
 
