@@ -35,6 +35,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
+from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
+from tensorflow.lite.python import convert as _lite_convert
 from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer as _quantize_layer
 from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
     default_8bit_quantize_registry as _registry,
@@ -552,8 +554,6 @@ def ptq_int8_tflite(
     # What QuantizationDebugger.get_nondebug_quantized_model() does, but keeping the converter's I/O types
     # (the debugger's own call always makes a float32/int8 input): calibrate, then quantize all but the
     # denylisted ops, named by their output tensors (the same names before and after quantization).
-    from tensorflow.lite.python import convert as _lite_convert
-
     converter.experimental_mlir_quantizer = True
     converter._experimental_calibrate_only = True
     calibrated = _convert(converter)
@@ -590,6 +590,20 @@ def _tensors_of_layers(tflite_bytes: bytes, layers: list[str]) -> list[str]:
     return sorted(set(selected))
 
 
+class _LiteRTQuantizationDebugger(tf.lite.experimental.QuantizationDebugger):
+    """TFLite's QuantizationDebugger with its models run by LiteRT's interpreter, like every other TFLite file
+    here (the debugger's own, tf.lite.Interpreter, is deprecated). Same body as TF 2.21's
+    ``_init_from_converter`` but for the interpreter class."""
+
+    def _init_from_converter(self, options, converter, calibrated_model=None, float_model=None) -> None:
+        self.quant_model = _lite_convert.mlir_quantize(
+            calibrated_model, disable_per_channel=converter._experimental_disable_per_channel,
+            fully_quantize=options.fully_quantize, enable_numeric_verify=True,
+            denylisted_ops=options.denylisted_ops, denylisted_nodes=options.denylisted_nodes)
+        self._quant_interpreter = LiteRTInterpreter(model_content=self.quant_model)
+        self._float_interpreter = None if float_model is None else LiteRTInterpreter(model_content=float_model)
+
+
 def int8_layer_errors(float_model: keras.Model, representative_images: Iterable, debug_images: Iterable, *,
                       per_channel: bool = True) -> list[dict]:
     """Per-op quantization error of the PTQ int8 model (TFLite's QuantizationDebugger), worst first.
@@ -605,11 +619,10 @@ def int8_layer_errors(float_model: keras.Model, representative_images: Iterable,
     images = [np.asarray(image, np.float32) for image in representative_images]
     debug = [np.asarray(image, np.float32) for image in debug_images]
     converter = _ptq_converter(float_model, images, per_channel=per_channel, input_type="uint8", output="logits")
-    debugger = tf.lite.experimental.QuantizationDebugger(
-        converter=converter, debug_dataset=lambda: ([image[None] if image.ndim == 3 else image] for image in debug))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs were expected")
-        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")  # the debugger's own
+        debugger = _LiteRTQuantizationDebugger(
+            converter=converter, debug_dataset=lambda: ([image[None] if image.ndim == 3 else image] for image in debug))
         debugger.run()
     buffer = io.StringIO()
     debugger.layer_statistics_dump(buffer)
@@ -683,9 +696,7 @@ def weight_scales(tflite_bytes: bytes) -> dict[str, int]:
 
 
 def _interpreter(tflite_bytes: bytes, num_threads: int):
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=tflite_bytes, num_threads=num_threads)
+    interpreter = LiteRTInterpreter(model_content=tflite_bytes, num_threads=num_threads)
     interpreter.allocate_tensors()
     return interpreter
 
