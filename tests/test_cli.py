@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from .conftest import ROOT, TINY, only_run
 
@@ -47,3 +48,15 @@ def test_evaluate_refuses_a_truncated_tflite_file(tmp_path):
 def test_evaluate_refuses_an_unknown_run_id(tmp_path):
     done = run_cli("evaluate.py", tmp_path, *TINY_EVAL, "source=0123456789abcdef0123456789abcdef", expect=2)
     assert "MLflow run '0123456789abcdef0123456789abcdef' does not exist" in done.stderr
+
+
+def test_a_sweep_with_failed_jobs_ends_with_its_parent_failed(tmp_path):
+    done = run_cli("train.py", tmp_path, "-m", *TINY, "backbone.output_stride=12,7")
+    assert done.stderr.count("deeplabq: error: backbone.output_stride must be one of") == 2
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r for r in runs if r.data.tags.get("deeplabq.sweep") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FAILED" and parent.info.run_name == "sweep backbone.output_stride=12,7"
+    assert sorted(c.info.status for c in children) == ["FAILED", "FAILED"]
+    assert "a job FAILED" in done.stdout
