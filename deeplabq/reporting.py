@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from deeplabq import data as data_lib
 from deeplabq import evaluation, export, figures, quantization, tracking
-from deeplabq.console import native_output
+from deeplabq.console import native_output, progress
 
 # Each variant must agree this well with the Keras model it came from, or it is not kept.
 MIN_AGREEMENT = {"float": 0.99, "float16": 0.97}
@@ -42,7 +42,7 @@ def calibration_images(cfg: DictConfig, train_split, output_dir: Path) -> list[n
     listing.write_text("".join(f"{train_split.describe(i)}\n" for i in indices))
     mlflow.log_artifact(str(listing))
     images = []
-    for index in indices:
+    for index in progress(indices, desc="calibration images"):
         image, _ = train_split.load(index)
         images.append(data_lib.preprocess_for_eval(image, None, cfg.dataset)[0])
     return images
@@ -136,7 +136,7 @@ def export_and_measure(cfg: DictConfig, output_dir: Path, variants: list[str], *
     representative = calibration_images(cfg, train_split, output_dir) if "int8" in variants else None
     tflite_dir = output_dir / "tflite"
     metrics, failures = {}, []
-    for variant in variants:
+    for variant in progress(variants, desc="export", unit="file"):
         source = qat_model if variant == "qat_int8" else float_model
         try:
             if source is None:
