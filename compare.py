@@ -10,7 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from deeplabq.comparison import ROOT, run_comparison
+from deeplabq.console import quiet_console  # imports deeplabq first: sets TF_USE_LEGACY_KERAS
+
+ROOT = Path(__file__).resolve().parent
 
 
 def main() -> None:
@@ -22,8 +24,11 @@ def main() -> None:
     parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlflow.db'}")
     parser.add_argument("--table-only", action="store_true",
                         help="run no stage; time the finished stages' files again and write the table")
+    parser.add_argument("--verbose", action="store_true", help="TensorFlow's and LiteRT's own log lines too")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every stage")
     args = parser.parse_args()
+    quiet_console(args.verbose)  # before TensorFlow loads
+    from deeplabq.comparison import run_comparison
     try:
         table = run_comparison(args.recipe, args.depth_multipliers, args.overrides, args.out.resolve(),
                                args.tracking_uri, args.docs.resolve(), table_only=args.table_only)

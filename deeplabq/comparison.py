@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from deeplabq import tracking
+from deeplabq.evaluation import artifacts_in, interleaved_latency
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {
@@ -44,7 +45,9 @@ def run_stage(preset: str, backbone: str, run_dir: Path, overrides: list[str], e
                f"hydra.run.dir={run_dir}", *overrides]
     print("[compare] " + " ".join(command), flush=True)
     start = time.perf_counter()
-    subprocess.run(command, check=True, env=env)
+    done = subprocess.run(command, env=env)
+    if done.returncode != 0:  # the job printed why; the comparison stops with one line more
+        raise ValueError(f"stage {preset} failed (exit status {done.returncode}); its run folder is {run_dir}")
     metrics = json.loads(metrics_file.read_text())
     metrics["wall_time_s"] = time.perf_counter() - start
     metrics_file.write_text(json.dumps(metrics, indent=1, sort_keys=True))
@@ -59,7 +62,7 @@ def results_rows(stage_metrics: dict[str, dict], dm: float, stage_dirs: dict[str
     float_metrics = stage_metrics["float"]
     later = {k.split("/")[0] for stage, m in stage_metrics.items() if stage != "float" for k in m}
     for stage, metrics in stage_metrics.items():
-        artifacts = sorted({k.split("/")[0] for k in metrics if k.endswith("/size_bytes")},
+        artifacts = sorted(artifacts_in(metrics),
                            key=lambda a: ("float", "float16", "dynamic_range", "int8", "qat_int8").index(a))
         skip = {"float"} if stage != "float" else later - {"float"}
         artifacts = [a for a in artifacts if a not in skip]
@@ -82,8 +85,6 @@ def remeasure_latency(rows: list[dict], threads=(1, 2), runs: int = 30) -> None:
     """Time every artifact again, all in this process and interleaved (see
     ``evaluation.interleaved_latency``): the stages ran hours apart under different background load, so
     their own latencies do not compare. Speed-ups are against the float file of the same depth multiplier."""
-    from deeplabq.evaluation import interleaved_latency
-
     for count in threads:
         latency = interleaved_latency({row["path"]: row["path"] for row in rows}, count, runs=runs)
         for row in rows:

@@ -225,6 +225,12 @@ def deploy_metrics(metrics: dict[str, float], artifact: str, reference: str | No
 DEPLOY_KEYS = ("miou", "pixel_accuracy", "size_bytes", "agreement", "xnnpack_partitions")
 
 
+def artifacts_in(metrics: dict[str, float]) -> list[str]:
+    """The TFLite artifacts a metrics dict has (``<artifact>/size_bytes``), in logging order; not ``deploy``,
+    which repeats one of them."""
+    return [k.split("/")[0] for k in metrics if k.endswith("/size_bytes") and not k.startswith("deploy/")]
+
+
 def fit_crop_to_file(cfg, path: Path, overrides: list[str]):
     """A TFLite file has a fixed input size: evaluate at it (``dataset.crop_size``) unless the user set one."""
     height, width = TFLiteSegmenter(str(path)).input_hw

@@ -215,7 +215,7 @@ def int8_error_report(cfg: DictConfig, tflite_dir: Path, float_model, representa
 def summary_table(metrics: dict[str, float], threads: list[int]) -> str:
     """Artifact | mIoU (%) | delta vs float | size | latency per thread count | speed-up vs float; the shipped
     artifact (the one whose metrics are also ``deploy/*``) is marked with ``*``."""
-    variants = [k.split("/")[0] for k in metrics if k.endswith("/size_bytes") and not k.startswith("deploy/")]
+    variants = evaluation.artifacts_in(metrics)
     shipped = next((v for v in variants if metrics.get(f"{v}/miou") == metrics.get("deploy/miou")
                     and metrics.get(f"{v}/size_bytes") == metrics.get("deploy/size_bytes")), None)
     head = ["artifact", "mIoU (%)", "Δ vs float", "size (KB)"]
