@@ -37,6 +37,7 @@ import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
 from tensorflow.lite.python import convert as _lite_convert
+from tensorflow_model_optimization.python.core.quantization.keras import quant_ops as _quant_ops
 from tensorflow_model_optimization.python.core.quantization.keras import quantize_layer as _quantize_layer
 from tensorflow_model_optimization.python.core.quantization.keras.default_8bit import (
     default_8bit_quantize_registry as _registry,
@@ -128,6 +129,82 @@ class DepthwiseConvQuantizeConfig(_registry.Default8BitConvQuantizeConfig):
     def __init__(self, weight_attrs=("depthwise_kernel",), activation_attrs=("activation",), quantize_output=False):
         super().__init__(list(weight_attrs), list(activation_attrs), quantize_output)
         self.weight_quantizer = DepthwiseKernelQuantizer()
+
+
+# tfmot's EMA decay of activation ranges, reached after a warm-up (see RangeFollowingQuantizer).
+RANGE_EMA_DECAY = 0.999
+
+
+class RangeFollowingQuantizer(_quantizers.MovingAverageQuantizer):
+    """tfmot's activation quantizer, with the EMA decay of its range warming up to 0.999.
+
+    tfmot updates an activation range by ``range += (1 - 0.999) * (batch range - range)`` from the first
+    training step on (``zero_debias=False``), so a range moves 0.1% per step and needs ~1000 steps to leave
+    where it started (tensorflow/model-optimization#368, #863; TF1 contrib.quantize debiased this EMA). A
+    network that is still learning -- QAT from scratch, or a short delay -- outgrows its ranges long before:
+    values beyond a range are clipped and get no gradient (FakeQuantWithMinMaxVars), so the activations
+    cannot grow past ranges set on the untrained network, and the ranges cannot follow activations that do
+    not grow. The logits stay within the few tenths of their initial range, the softmax stays flat, and the
+    network predicts one class.
+
+    Here the decay after ``n`` updates is ``min(0.999, (1 + n) / (10 + n))`` (tf.train.ExponentialMovingAverage's
+    ``num_updates`` warm-up): the range follows the batch ranges closely at first (0.1, 0.5 after 8 updates,
+    0.91 after 90, 0.97 after 300) and settles to tfmot's 0.999 after ~9000 updates. ``n`` counts the
+    training-mode calls of this quantizer, i.e. the QAT training steps; it is not a model weight, so
+    checkpoints keep tfmot's variables (:func:`set_range_updates` restores it on resume).
+    """
+
+    def __init__(self, num_bits, per_axis, symmetric, narrow_range):
+        super().__init__(num_bits, per_axis, symmetric, narrow_range)
+        self.updates = tf.Variable(0.0, trainable=False, name="range_updates")
+
+    def __call__(self, inputs, training, weights, **kwargs):
+        if not training:
+            return super().__call__(inputs, training, weights, **kwargs)
+        decay = tf.minimum(RANGE_EMA_DECAY, (1.0 + self.updates) / (10.0 + self.updates))
+        with tf.control_dependencies([self.updates.assign_add(1.0)]):
+            return _quant_ops.MovingAvgQuantize(
+                inputs, weights["min_var"], weights["max_var"], ema_decay=decay, is_training=True,
+                num_bits=self.num_bits, per_channel=self.per_axis, symmetric=self.symmetric,
+                narrow_range=self.narrow_range)
+
+
+def _activation_quantizer_slots(qat_model: keras.Model):
+    """``(owner, attribute or index, quantizer)`` of every activation/output quantizer of a QAT model."""
+    for layer in qat_model.layers:
+        for activation in getattr(layer, "_quantize_activations", []):  # QuantizeWrapperV2: fused activations
+            yield activation, "quantizer", activation.quantizer
+        outputs = getattr(layer, "_output_quantizers", None) or []  # QuantizeWrapperV2: output
+        for index, quantizer in enumerate(outputs):
+            yield outputs, index, quantizer
+        if isinstance(layer, _quantize_layer.QuantizeLayer) and layer.quantizer is not None:  # model input
+            yield layer, "quantizer", layer.quantizer
+
+
+def follow_activation_ranges(qat_model: keras.Model) -> int:
+    """Give every moving-average activation quantizer of ``qat_model`` the warm-up of RangeFollowingQuantizer.
+
+    The quantizers are replaced in the built wrappers (tfmot creates them inside its default quantize
+    configs); their range variables, hence weights and checkpoints, stay as they are. A model rebuilt from
+    its config (``get_config``) gets tfmot's quantizers back, which only differ in training. Returns the
+    number of quantizers replaced."""
+    replaced = 0
+    for owner, slot, quantizer in list(_activation_quantizer_slots(qat_model)):
+        if type(quantizer) is _quantizers.MovingAverageQuantizer:
+            following = RangeFollowingQuantizer(**quantizer.get_config())
+            if isinstance(slot, int):
+                owner[slot] = following
+            else:
+                setattr(owner, slot, following)
+            replaced += 1
+    return replaced
+
+
+def set_range_updates(qat_model: keras.Model, updates: int) -> None:
+    """Set the update count of every RangeFollowingQuantizer (the QAT steps trained so far, on resume)."""
+    for _, _, quantizer in _activation_quantizer_slots(qat_model):
+        if isinstance(quantizer, RangeFollowingQuantizer):
+            quantizer.updates.assign(float(updates))
 
 
 # Layers that only move values around: in TFLite their int8 op has one scale for input and output.
@@ -303,13 +380,16 @@ def quantize_model(float_model: keras.Model) -> keras.Model:
     The model is first rebuilt by :func:`prepare_for_int8`; weights and BN statistics are copied from
     ``float_model``, and layer ``x`` becomes wrapper ``quant_x``. The fake-quant ranges start at tfmot's
     [-6, 6] (activations) and unset weight ranges: call :func:`calibrate_activation_ranges` before
-    training, evaluating or converting.
+    training, evaluating or converting. In training, activation ranges follow the network with a warm-up
+    of their EMA decay (:class:`RangeFollowingQuantizer`).
     """
     prepared = prepare_for_int8(float_model)
     with quantize_scope():
         annotated = keras.models.clone_model(prepared, clone_function=_annotate)
         annotated.set_weights(prepared.get_weights())
-        return _qk.quantize_apply(annotated, scheme=_DeepLabQuantizeScheme())
+        qat_model = _qk.quantize_apply(annotated, scheme=_DeepLabQuantizeScheme())
+    follow_activation_ranges(qat_model)
+    return qat_model
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -322,7 +402,8 @@ def _observing_quantizers(observed: dict):
     and weight quantizers set their range from the current weights (as a training step does)."""
     originals = {
         cls: cls.__call__
-        for cls in (_quantizers.MovingAverageQuantizer, _quantizers.AllValuesQuantizer, _quantizers.LastValueQuantizer)
+        for cls in (_quantizers.MovingAverageQuantizer, RangeFollowingQuantizer, _quantizers.AllValuesQuantizer,
+                    _quantizers.LastValueQuantizer)
     }
 
     def observe(self, inputs, training, weights, **kwargs):
@@ -336,6 +417,7 @@ def _observing_quantizers(observed: dict):
         return originals[_quantizers.LastValueQuantizer](self, inputs, True, weights, **kwargs)
 
     _quantizers.MovingAverageQuantizer.__call__ = observe
+    RangeFollowingQuantizer.__call__ = observe
     _quantizers.AllValuesQuantizer.__call__ = observe
     _quantizers.LastValueQuantizer.__call__ = weights_from_last_value
     try:

@@ -161,6 +161,10 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
         trainer = Trainer(model, cfg, 0)
         trainer.checkpoint().restore(latest).assert_existing_objects_matched()
         start_step = trainer.step
+        if quantized:
+            from deeplabq.quantization import set_range_updates
+
+            set_range_updates(model, start_step - int(quantize_at))  # the range EMAs' warm-up continues
         print(f"resumed from {latest} at step {start_step}")
     else:
         trainer = Trainer(model, cfg, 0)
