@@ -58,6 +58,17 @@ def validate_config(cfg: DictConfig) -> None:
         _require(int(quant.delay_steps) < int(train.steps),
                  f"quant.delay_steps={quant.delay_steps} is not before the end of training "
                  f"(train.steps={train.steps}): quantization would never switch on")
+    if quant.mode in ("qat_delayed", "qat_finetune") and quant.freeze_bn_delay is not None:
+        freeze, delay = int(quant.freeze_bn_delay), int(quant.delay_steps) if quant.mode == "qat_delayed" else 0
+        _require(freeze < int(train.steps),
+                 f"quant.freeze_bn_delay={freeze} is not before the end of training (train.steps={train.steps}): "
+                 f"batch norm would never freeze (null = never)")
+        _require(freeze >= delay,
+                 f"quant.freeze_bn_delay={freeze} is before quant.delay_steps={delay}: batch norm freezes in the "
+                 f"quantized model, at or after the switch")
+        _require(quant.mode == "qat_finetune" or freeze > 0,
+                 f"quant.freeze_bn_delay=0 freezes batch-norm statistics that were never trained (quant=qat_delayed "
+                 f"starts from {cfg.init.source} weights): use a later step, or null to keep them training")
     if quant.mode == "ptq":
         _require(quant.scheme in PTQ_SCHEMES, f"quant.scheme must be one of {PTQ_SCHEMES}, got {quant.scheme!r}")
     if quant.mode in ("qat_finetune", "ptq"):

@@ -33,31 +33,31 @@ def load_float_checkpoint(model, quant_cfg) -> str:
     return source.describe()
 
 
-def start_quantization(float_model, batches, *, freeze_bn: bool):
-    """Fake-quantized copy of ``float_model``, its activation ranges calibrated on a few train batches."""
+def start_quantization(float_model, batches):
+    """Fake-quantized copy of ``float_model``, its activation ranges calibrated on a few train batches.
+
+    Batch norm is not frozen here: ``fit`` does it at ``quant.freeze_bn_delay``."""
     qat_model = quantization.quantize_model(float_model)
     if batches is not None:
         images = [images for images, _ in itertools.islice(batches, CALIBRATION_BATCHES)]
         quantization.calibrate_activation_ranges(qat_model, images)
-    if freeze_bn:
-        quantization.freeze_batch_norm(qat_model)
     return qat_model
 
 
 def run_quant_mode(cfg: DictConfig, output_dir: Path, model, train_split):
     mode = cfg.quant.mode
-    freeze_bn = bool(cfg.quant.freeze_bn)
+    freeze_bn_at = None if cfg.quant.freeze_bn_delay is None else int(cfg.quant.freeze_bn_delay)
     if mode == "ptq":
         load_float_checkpoint(model, cfg.quant)
         return model, model
     if mode == "qat_finetune":
         load_float_checkpoint(model, cfg.quant)
         # Calibrate on the same augmented train pipeline the fine-tuning uses, then train with quantization on.
-        return fit(model, cfg, output_dir, train_split, quantize_at=0,
-                   quantize_fn=lambda m, b: start_quantization(m, b, freeze_bn=freeze_bn)), model
+        return fit(model, cfg, output_dir, train_split, quantize_at=0, quantize_fn=start_quantization,
+                   freeze_bn_at=freeze_bn_at), model
     if mode == "qat_delayed":
         mlflow.set_tag("deeplabq.init", initialize_weights(model, cfg.init))
         qat = fit(model, cfg, output_dir, train_split, quantize_at=int(cfg.quant.delay_steps),
-                  quantize_fn=lambda m, b: start_quantization(m, b, freeze_bn=freeze_bn))
+                  quantize_fn=start_quantization, freeze_bn_at=freeze_bn_at)
         return qat, None
     raise ValueError(f"quant.mode={mode!r} is not a training mode")

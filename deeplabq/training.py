@@ -83,6 +83,11 @@ class Trainer:
         # Create the optimizer's slot variables now: a tf.function that creates variables on its first call
         # is traced twice, which costs 5-15 s per model (twice that for a QAT model).
         self.optimizer.build(model.trainable_variables)
+        self.retrace()
+
+    def retrace(self) -> None:
+        """A new tf.function for the train step: needed after a layer's ``trainable`` changed (a traced step
+        keeps the batch-norm mode and the trainable variables it was traced with)."""
         self.train_step = tf.function(self._train_step)
 
     def _train_step(self, images, labels):
@@ -133,11 +138,13 @@ def _log_checkpoint(save_path: str) -> None:
 
 
 def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, quantize_at: int | None = None,
-        quantize_fn=None) -> keras.Model:
+        quantize_fn=None, freeze_bn_at: int | None = None) -> keras.Model:
     """Train ``model`` for ``train.steps`` steps; returns the trained model.
 
     With ``quantize_at`` (delayed QAT) the float model trains until that step, then ``quantize_fn(model,
     batches)`` returns the fake-quantized model that trains for the remaining steps (same schedule).
+    With ``freeze_bn_at`` (contrib.quantize's / MLPerf's ``freeze_bn_delay``, at or after ``quantize_at``)
+    the batch-norm moving statistics of the model being trained stop updating from that step on.
     Checkpoints go to ``<output_dir>/checkpoints`` every ``train.checkpoint_every_steps`` and to MLflow.
     """
     train_cfg = cfg.train
@@ -149,7 +156,9 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
     )
     batches = data_lib.iterate(pipeline)
 
-    start_step, quantized = 0, False
+    if freeze_bn_at is not None and quantize_at is not None and freeze_bn_at < quantize_at:
+        raise ValueError(f"freeze_bn_at={freeze_bn_at} is before quantize_at={quantize_at}")
+    start_step, quantized, bn_frozen = 0, False, False
     latest = tf.train.latest_checkpoint(str(checkpoint_dir)) if cfg.resume else None
     if latest:
         phase_file = checkpoint_dir / PHASE_FILE
@@ -179,6 +188,14 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
             manager = tf.train.CheckpointManager(trainer.checkpoint(), str(checkpoint_dir), max_to_keep=2)
             quantized = True
             mlflow.log_metric("quantization_started", 1.0, step=step)
+        if freeze_bn_at is not None and not bn_frozen and step >= freeze_bn_at:
+            from deeplabq.quantization import freeze_batch_norm
+
+            freeze_batch_norm(trainer.model)  # also on resume: a restored model is built unfrozen
+            trainer.retrace()
+            bn_frozen = True
+            if step == freeze_bn_at:
+                mlflow.log_metric("batch_norm_frozen", 1.0, step=step)
         images, labels = next(batches)
         loss, total = trainer.train_step(images, labels)
         window_images += int(images.shape[0])

@@ -46,13 +46,13 @@ SEED_FLAGS = {
     "pascal_mnv2_qat_finetune": {"train.steps": 3000, "train.learning_rate": 3e-5, "dataset.crop_size": [513, 513],
                                  "train.batch_size": 8, "backbone.output_stride": 16, "quant.delay_steps": 0,
                                  "dataset.name": "pascal_voc_seg", "quant.mode": "qat_finetune",
-                                 "quant.freeze_bn": False, "train.fine_tune_batch_norm": True},
+                                 "quant.freeze_bn_delay": None, "train.fine_tune_batch_norm": True},
     # MLPerf's train.py flags
     "ade20k32_mlperf_float": {"train.optimizer": "adam", "train.learning_rate": 5e-6, "train.batch_size": 4,
                               "dataset.crop_size": [512, 512], "head.decoder_output_stride": 4,
                               "train.fine_tune_batch_norm": False, "init.initialize_last_layer": False,
                               "dataset.num_classes": 32, "train.steps": 200000},
-    "ade20k32_mlperf_qat": {"train.learning_rate": 1e-6, "quant.freeze_bn": True, "quant.delay_steps": 0,
+    "ade20k32_mlperf_qat": {"train.learning_rate": 1e-6, "quant.freeze_bn_delay": 0, "quant.delay_steps": 0,
                             "train.steps": 100000, "quant.mode": "qat_finetune"},
     "ade20k32_mlperf_ptq": {"quant.calibration_samples": 500, "export.input_type": "uint8", "quant.scheme": "int8"},
 }
@@ -65,7 +65,7 @@ def test_seed_recipes_carry_the_seed_flags(tmp_path, experiment):
     cfg = compose_config(tmp_path, [f"experiment={experiment}"])
     for key, value in SEED_FLAGS[experiment].items():
         got = OmegaConf.select(cfg, key)
-        got = list(got) if not isinstance(got, (int, float, str, bool)) else got
+        got = list(got) if not isinstance(got, (int, float, str, bool, type(None))) else got
         assert got == pytest.approx(value) if isinstance(value, float) else got == value, (key, got, value)
 
 
@@ -115,3 +115,21 @@ def test_impossible_values_are_refused_by_key(tmp_path, override, key):
     cfg = compose_config(tmp_path, [override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["quant.delay_steps=0", "quant.freeze_bn_delay=0"], "freeze_bn_delay=0 freezes .* never trained"),
+        (["quant.delay_steps=100", "quant.freeze_bn_delay=50"], "freeze_bn_delay=50 is before quant.delay_steps=100"),
+        (["quant.delay_steps=100", "quant.freeze_bn_delay=300"], "freeze_bn_delay=300 is not before the end"),
+    ],
+)
+def test_batch_norm_freezes_only_trained_statistics_in_the_quantized_model(tmp_path, overrides, message):
+    cfg = compose_config(tmp_path, ["quant=qat_delayed", "train.steps=300", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
+    # after some training, at or after the switch; or from the start of a fine-tune of a trained float model
+    validate_config(compose_config(tmp_path, ["quant=qat_delayed", "quant.delay_steps=0", "quant.freeze_bn_delay=1"]))
+    validate_config(compose_config(tmp_path, ["quant=qat_finetune", "quant.float_checkpoint=/runs/float",
+                                              "quant.freeze_bn_delay=0"]))
