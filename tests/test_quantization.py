@@ -113,6 +113,31 @@ def test_calibrated_ranges_replace_the_default_ones(quantized):
     assert not any(np.all(value == 6.0) for name, value in variables.items() if name.endswith("_max:0"))
 
 
+def test_activation_ranges_follow_training_batches_with_a_warm_up(quantized_v3):
+    """A training step moves an activation range by 1 - decay toward the batch range, decay warming up to 0.999."""
+    _, qat_model, _, _ = quantized_v3
+    kinds = {type(q).__name__ for _, _, q in Q._activation_quantizer_slots(qat_model)}
+    assert kinds == {"RangeFollowingQuantizer", "AllValuesQuantizer"}  # the input keeps its pixel range
+    assert not any("range_updates" in v.name for v in qat_model.weights)  # checkpoints keep tfmot's variables
+    saved = qat_model.get_weights()
+    # The first range after the fixed input range: the same batch range in both calls below.
+    wrapper = qat_model.get_layer("quant_normalize_scale")
+    high = next(v for v in wrapper.weights if v.name.endswith("output_max:0"))
+    darker = images(2, seed=7) * 0.5  # a batch range far from the calibrated one
+    moves = {}
+    try:
+        for updates in (0, 10**6):
+            qat_model.set_weights(saved)
+            Q.set_range_updates(qat_model, updates)
+            before = float(high.numpy())
+            qat_model(darker, training=True)
+            moves[updates] = float(high.numpy()) - before
+    finally:
+        qat_model.set_weights(saved)
+    # decay (1 + 0) / (10 + 0) = 0.1: 90% of the way at once; after 10**6 updates tfmot's 0.999: 0.1%.
+    assert moves[0] < 0 and moves[0] / moves[10**6] == pytest.approx(0.9 / 0.001, rel=0.01)
+
+
 def test_qat_tflite_is_one_integer_xnnpack_partition(quantized):
     _, _, _, tflite = quantized
     ops = Q.op_histogram(tflite)
