@@ -144,8 +144,8 @@ class RangeFollowingQuantizer(_quantizers.MovingAverageQuantizer):
     network that is still learning -- QAT from scratch, or a short delay -- outgrows its ranges long before:
     values beyond a range are clipped and get no gradient (FakeQuantWithMinMaxVars), so the activations
     cannot grow past ranges set on the untrained network, and the ranges cannot follow activations that do
-    not grow. The logits stay within the few tenths of their initial range, the softmax stays flat, and the
-    network predicts one class.
+    not grow. With delay 0 on the synthetic default, the logits' range calibrated on the untrained network
+    was [0, 1e-6] and had reached only +-0.3 after 300 steps: a flat softmax, loss 1.61 -> 1.38, one class.
 
     Here the decay after ``n`` updates is ``min(0.999, (1 + n) / (10 + n))`` (tf.train.ExponentialMovingAverage's
     ``num_updates`` warm-up): the range follows the batch ranges closely at first (0.1, 0.5 after 8 updates,
