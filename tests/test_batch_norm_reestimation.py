@@ -64,3 +64,25 @@ def test_bad_reestimate_values_are_refused(tmp_path, overrides, message):
     cfg = compose_config(tmp_path, overrides)
     with pytest.raises(ConfigError, match=message):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize("quant", ["float", "qat_delayed"])
+def test_runs_reestimate_after_loading_a_deeplab_checkpoint(tmp_path, tiny_overrides, quant):
+    """Both modes that start from init (float, delayed QAT) re-estimate, and say so in the run's init tag."""
+    from deeplabq.checkpoints import save_deeplab_tf1_checkpoint
+    from deeplabq.model import spec_from_config
+    from deeplabq.training import train
+
+    from .conftest import only_run
+
+    overrides = [*tiny_overrides, f"quant={quant}", "train.steps=4", "train.checkpoint_every_steps=4"]
+    if quant == "qat_delayed":
+        overrides.append("quant.delay_steps=2")
+    source = build_deeplab(spec_from_config(compose_config(tmp_path, overrides)))
+    _folded_like(source, np.random.default_rng(2))
+    prefix = save_deeplab_tf1_checkpoint(source, tmp_path / "zoo" / "model.ckpt")
+    cfg = compose_config(tmp_path, [*overrides, "init.source=deeplab_checkpoint", f"init.path={prefix}",
+                                    "init.reestimate_batch_norm=2"])
+    train(cfg, tmp_path / "run")
+    tag = only_run(tmp_path, status="FINISHED").data.tags["deeplabq.init"]
+    assert tag.startswith("deeplab_checkpoint:") and "re-estimated on 2 train batches" in tag, tag
