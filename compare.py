@@ -19,7 +19,8 @@ def main() -> None:
     parser.add_argument("recipe", help="recipe name (camvid, camvid_pascal)")
     parser.add_argument("--depth-multipliers", type=float, nargs="+", default=[0.5])
     parser.add_argument("--out", type=Path, default=None,
-                        help="stage run directories (default: outputs/compare for camvid, else outputs/compare_<recipe>)")
+                        help="stage run directories (default: outputs/compare for camvid, "
+                             "else outputs/compare_<recipe>)")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where the table and plot go")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlflow.db'}")
     parser.add_argument("--table-only", action="store_true",
