@@ -4,6 +4,7 @@
     python compare.py camvid --depth-multipliers 0.5 1.0
     python compare.py camvid -- train.steps=1000               # extra overrides for every stage
     python compare.py camvid --depth-multipliers 0.5 1.0 --table-only   # run nothing: table of the finished stages
+    python compare.py camvid_pascal                            # the same from the model-zoo PASCAL checkpoint
 """
 
 import argparse
@@ -17,9 +18,11 @@ ROOT = Path(__file__).resolve().parent
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", help="recipe name (camvid)")
+    parser.add_argument("recipe", help="recipe name (camvid, camvid_pascal)")
     parser.add_argument("--depth-multipliers", type=float, nargs="+", default=[0.5])
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "compare", help="stage run directories")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="stage run directories (default: outputs/compare for camvid, "
+                             "else outputs/compare_<recipe>)")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where the table and plot go")
     parser.add_argument("--tracking-uri", default=f"sqlite:///{ROOT / 'mlflow.db'}")
     parser.add_argument("--table-only", action="store_true",
@@ -28,9 +31,10 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every stage")
     args = parser.parse_args()
     quiet_console(args.verbose)  # before TensorFlow loads
-    from deeplabq.comparison import run_comparison
+    from deeplabq.comparison import default_out_dir, run_comparison
     try:
-        table = run_comparison(args.recipe, args.depth_multipliers, args.overrides, args.out.resolve(),
+        out = args.out if args.out is not None else default_out_dir(args.recipe)
+        table = run_comparison(args.recipe, args.depth_multipliers, args.overrides, out.resolve(),
                                args.tracking_uri, args.docs.resolve(), table_only=args.table_only)
     except ValueError as error:
         sys.exit(f"compare: error: {error}")

@@ -26,8 +26,19 @@ RECIPES = {
     # stage name -> experiment preset; "float" must come first (ptq and qat_finetune start from its checkpoint)
     "camvid": {"float": "camvid_float", "ptq": "camvid_ptq", "qat_finetune": "camvid_qat_finetune",
                "qat_delayed": "camvid_qat_delayed"},
+    # the same stages fine-tuned from the model-zoo PASCAL VOC checkpoint (dm 0.5 only)
+    "camvid_pascal": {"float": "camvid_pascal_float", "ptq": "camvid_pascal_ptq",
+                      "qat_finetune": "camvid_pascal_qat_finetune", "qat_delayed": "camvid_pascal_qat_delayed"},
 }
+# recipes that start from a checkpoint of one width
+RECIPE_DEPTH_MULTIPLIERS = {"camvid_pascal": (0.5,)}
 BACKBONES = {0.5: "mnv2_dm050", 1.0: "mnv2_dm100"}
+
+
+def default_out_dir(recipe: str) -> Path:
+    """Where a recipe's stage runs go by default: outputs/compare for camvid (as before), else
+    outputs/compare_<recipe>, so two recipes never share (and reuse) a stage directory."""
+    return ROOT / "outputs" / ("compare" if recipe == "camvid" else f"compare_{recipe}")
 
 
 def _stage_overrides(stage: str, float_dir: Path, tracking_uri: str) -> list[str]:
@@ -138,6 +149,9 @@ def run_comparison(recipe: str, depth_multipliers: list[float], overrides: list[
     for dm in depth_multipliers:
         if dm not in BACKBONES:
             raise ValueError(f"--depth-multipliers: {dm} has no backbone option; choose from {sorted(BACKBONES)}")
+        if dm not in RECIPE_DEPTH_MULTIPLIERS.get(recipe, BACKBONES):
+            raise ValueError(f"--depth-multipliers: recipe {recipe!r} starts from a checkpoint of depth multiplier "
+                             f"{RECIPE_DEPTH_MULTIPLIERS[recipe]}, not {dm}")
     experiment_id = tracking.setup_mlflow(OmegaConf.create(
         {"tracking_uri": tracking_uri, "experiment_name": "deeplabq", "artifact_location": str(ROOT / "mlartifacts")}))
     client = MlflowClient()

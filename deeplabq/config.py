@@ -82,6 +82,12 @@ def validate_config(cfg: DictConfig) -> None:
     _require(init.source in INIT_SOURCES, f"init.source must be one of {INIT_SOURCES}, got {init.source!r}")
     if init.source in ("deeplab_checkpoint", "run"):
         _require(init.path is not None, f"init.source={init.source} needs init.path")
+    reestimate = init.get("reestimate_batch_norm") or 0
+    _require(isinstance(reestimate, int) and not isinstance(reestimate, bool) and reestimate >= 0,
+             f"init.reestimate_batch_norm must be a number of train batches >= 0, got {reestimate!r}")
+    _require(reestimate == 0 or init.source != "scratch",
+             f"init.reestimate_batch_norm={reestimate} re-estimates loaded batch-norm statistics: it needs "
+             f"init.source other than scratch")
 
     export = cfg.export
     _require(export.input_type in ("uint8", "int8", "float32"),

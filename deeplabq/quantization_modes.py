@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from deeplabq import checkpoints, quantization
 from deeplabq.sources import resolve_source
-from deeplabq.training import fit, initialize_weights
+from deeplabq.training import fit, init_batches, initialize_weights
 
 CALIBRATION_BATCHES = 4  # train batches that set activation ranges before fake quantization starts
 
@@ -56,7 +56,7 @@ def run_quant_mode(cfg: DictConfig, output_dir: Path, model, train_split):
         return fit(model, cfg, output_dir, train_split, quantize_at=0, quantize_fn=start_quantization,
                    freeze_bn_at=freeze_bn_at), model
     if mode == "qat_delayed":
-        mlflow.set_tag("deeplabq.init", initialize_weights(model, cfg.init))
+        mlflow.set_tag("deeplabq.init", initialize_weights(model, cfg.init, init_batches(cfg, train_split)))
         qat = fit(model, cfg, output_dir, train_split, quantize_at=int(cfg.quant.delay_steps),
                   quantize_fn=start_quantization, freeze_bn_at=freeze_bn_at)
         return qat, None

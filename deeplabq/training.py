@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -63,6 +64,63 @@ def configure_batch_norm(model: keras.Model, trainable: bool, decay: float) -> N
             layer.momentum = decay
 
 
+def reestimate_batch_norm_statistics(model: keras.Model, batches, num_batches: int) -> int:
+    """Give every BatchNormalization layer the statistics of its input on ``batches``, keeping the function.
+
+    A checkpoint with batch norm folded into the kernels (TFLite-derived model-zoo files: moving_mean 0,
+    moving_variance 1, beta = folded bias) normalizes with 0/1, so training with batch statistics
+    (``fine_tune_batch_norm=true``) would replace them with the real ones and start from another function.
+    Here each BN layer, with measured input mean ``m`` and variance ``v`` (per channel, pooled over
+    ``num_batches`` batches of images, in inference mode), gets::
+
+        moving_mean = m, moving_variance = v
+        gamma = gamma0 * sqrt(v + eps) / sqrt(v0 + eps)
+        beta  = beta0 + gamma0 * (m - m0) / sqrt(v0 + eps)
+
+    so ``gamma * (x - m) / sqrt(v + eps) + beta == gamma0 * (x - m0) / sqrt(v0 + eps) + beta0`` for every
+    ``x``: inference output is unchanged (up to float rounding) and a batch-statistics training step starts
+    from (nearly) the same function. As every layer keeps its function, the input of every BN layer is the
+    same before and after, so all statistics come from one set of inference passes. Returns the number of
+    BN layers updated. Float models only.
+    """
+    layers = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    if not layers:
+        return 0
+    if any(getattr(layer, "layer", None) is not None for layer in model.layers):
+        raise ValueError("reestimate_batch_norm_statistics works on a float model, not a quantized one")
+    probe = keras.Model(model.inputs, [layer.input for layer in layers])
+    sums = [np.zeros(layer.moving_mean.shape, np.float64) for layer in layers]
+    squares = [np.zeros(layer.moving_mean.shape, np.float64) for layer in layers]
+    counts = [0] * len(layers)
+    for batch in itertools.islice(batches, num_batches):
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch  # (images, labels) pipelines too
+        outputs = probe(images, training=False)
+        outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+        for i, x in enumerate(outputs):
+            x = tf.reshape(tf.cast(x, tf.float64), [-1, x.shape[-1]])
+            sums[i] += tf.reduce_sum(x, axis=0).numpy()
+            squares[i] += tf.reduce_sum(tf.square(x), axis=0).numpy()
+            counts[i] += int(x.shape[0])
+    if not counts[0]:
+        raise ValueError("reestimate_batch_norm_statistics got no batches")
+    for i, layer in enumerate(layers):
+        if not (layer.scale and layer.center):
+            raise ValueError(f"{layer.name}: needs both gamma and beta (scale=True, center=True)")
+        mean = sums[i] / counts[i]
+        var = np.maximum(squares[i] / counts[i] - mean ** 2, 0.0)
+        eps = float(layer.epsilon)
+        mean0 = layer.moving_mean.numpy().astype(np.float64)
+        var0 = layer.moving_variance.numpy().astype(np.float64)
+        gamma0 = layer.gamma.numpy().astype(np.float64)
+        beta0 = layer.beta.numpy().astype(np.float64)
+        scale0 = gamma0 / np.sqrt(var0 + eps)
+        layer.gamma.assign((scale0 * np.sqrt(var + eps)).astype(np.float32))
+        layer.beta.assign((beta0 + scale0 * (mean - mean0)).astype(np.float32))
+        layer.moving_mean.assign(mean.astype(np.float32))
+        layer.moving_variance.assign(var.astype(np.float32))
+    return len(layers)
+
+
 def _all_layers(model):
     for layer in model.layers:
         yield layer
@@ -109,11 +167,34 @@ class Trainer:
         return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
 
 
-def initialize_weights(model: keras.Model, init_cfg) -> str:
-    """Apply ``init`` (scratch / keras_imagenet / deeplab_checkpoint / run); returns what was loaded."""
+def initialize_weights(model: keras.Model, init_cfg, train_batches=None) -> str:
+    """Apply ``init`` (scratch / keras_imagenet / deeplab_checkpoint / run); returns what was loaded.
+
+    ``init.reestimate_batch_norm`` > 0 then re-estimates the batch-norm statistics on that many batches of
+    ``train_batches()`` (an iterator of train batches), keeping the function
+    (:func:`reestimate_batch_norm_statistics`).
+    """
     source = init_cfg.source
     if source == "scratch":
         return "scratch"
+    described = _load_initial_weights(model, init_cfg)
+    reestimate = int(init_cfg.get("reestimate_batch_norm") or 0)
+    if reestimate:
+        if train_batches is None:
+            raise ValueError("init.reestimate_batch_norm needs train batches")
+        count = reestimate_batch_norm_statistics(model, train_batches(), reestimate)
+        described += f" (statistics of {count} BN layers re-estimated on {reestimate} train batches)"
+    return described
+
+
+def init_batches(cfg: DictConfig, train_split):
+    """Train batches for ``init.reestimate_batch_norm``: the augmented train pipeline, batch train.batch_size."""
+    return lambda: data_lib.iterate(data_lib.input_pipeline(
+        train_split, cfg.dataset, training=True, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed) + 1))
+
+
+def _load_initial_weights(model: keras.Model, init_cfg) -> str:
+    source = init_cfg.source
     if source == "keras_imagenet":
         ckpt_lib.load_keras_imagenet_weights(model, init_cfg.path or "imagenet")
     elif source == "deeplab_checkpoint":
@@ -246,7 +327,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         mode = cfg.quant.mode
         if mode == "float":
             if not (cfg.resume and tf.train.latest_checkpoint(str(output_dir / CHECKPOINT_DIR))):
-                mlflow.set_tag("deeplabq.init", initialize_weights(model, cfg.init))
+                mlflow.set_tag("deeplabq.init", initialize_weights(model, cfg.init, init_batches(cfg, train_split)))
             model = fit(model, cfg, output_dir, train_split)
             float_model = model
         else:

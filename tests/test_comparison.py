@@ -48,3 +48,16 @@ def test_table_of_finished_stages_times_every_file_again(tmp_path):
                  if r.info.status == "FINISHED"]
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
         "camvid_results.md", "camvid_results.json", "camvid_results.png"}
+
+
+def test_recipes_have_their_presets_and_own_stage_directories(tmp_path):
+    from deeplabq.comparison import RECIPES, ROOT, default_out_dir
+
+    for recipe, stages in RECIPES.items():
+        assert next(iter(stages)) == "float", recipe
+        for preset in stages.values():
+            assert (ROOT / "conf" / "experiment" / f"{preset}.yaml").is_file(), preset
+    assert default_out_dir("camvid") == ROOT / "outputs" / "compare"
+    assert default_out_dir("camvid_pascal") == ROOT / "outputs" / "compare_camvid_pascal"
+    with pytest.raises(ValueError, match="depth multiplier"):
+        run_comparison("camvid_pascal", [1.0], [], tmp_path, f"sqlite:///{tmp_path / 'm.db'}", tmp_path)

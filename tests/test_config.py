@@ -31,14 +31,15 @@ def test_every_group_option_composes(tmp_path, primary, group, option):
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_composes_and_validates(tmp_path, experiment):
-    cfg = compose_config(tmp_path, [f"experiment={experiment}"])
+    overrides = [f"experiment={experiment}"]
+    cfg = compose_config(tmp_path, overrides)
     if cfg.quant.mode in ("qat_finetune", "ptq"):
         with pytest.raises(ConfigError, match="quant.float_checkpoint"):
             validate_config(cfg)  # presets that start from a float model say so until given one
-        cfg = compose_config(tmp_path, [f"experiment={experiment}", "quant.float_checkpoint=/runs/float"])
-    if cfg.init.source == "deeplab_checkpoint":
-        cfg = compose_config(tmp_path, [f"experiment={experiment}", "init.path=/ckpt/model.ckpt-200000"])
-    validate_config(cfg)
+        overrides.append("quant.float_checkpoint=/runs/float")
+    if cfg.init.source == "deeplab_checkpoint" and cfg.init.path is None:
+        overrides.append("init.path=/ckpt/model.ckpt-200000")
+    validate_config(compose_config(tmp_path, overrides))
 
 
 SEED_FLAGS = {

@@ -278,8 +278,11 @@ def test_mlflow_ui_serves_the_store(sandbox):
 
 
 @needs(CAMVID)
-def test_camvid_comparison_and_its_table(sandbox):
-    sandbox.run("python compare.py camvid")
-    table = sandbox.run("python compare.py camvid --table-only", smoke=False).stdout
-    assert "| 0.5 | float |" in table and "qat_int8 (qat_delayed)" in table
-    assert (sandbox.root / "docs" / "camvid_results.png").is_file()
+@needs(PASCAL)
+def test_camvid_comparison_from_the_model_zoo_and_its_table(sandbox):
+    sandbox.run("python compare.py camvid_pascal")
+    table = sandbox.run("python compare.py camvid_pascal --table-only", smoke=False).stdout
+    assert "| 0.5 | float |" in table and "qat_int8 (qat_delayed)" in table and "int8 (ptq)" in table
+    assert (sandbox.root / "docs" / "camvid_pascal_results.png").is_file()
+    stages = sandbox.runs(deeplabq__recipe="camvid_pascal")
+    assert len(stages) == 2 and all(r.info.status == "FINISHED" for r in stages)  # a parent per command
