@@ -14,6 +14,7 @@ import sys
 import tempfile
 import warnings
 
+import mlflow  # noqa: F401  (configures its loggers when imported: quiet_console sets their level after that)
 from tqdm.auto import tqdm
 
 _VERBOSE = os.environ.get("DEEPLABQ_VERBOSE") == "1"
