@@ -232,8 +232,12 @@ def artifacts_in(metrics: dict[str, float]) -> list[str]:
 
 
 def fit_crop_to_file(cfg, path: Path, overrides: list[str]):
-    """A TFLite file has a fixed input size: evaluate at it (``dataset.crop_size``) unless the user set one."""
-    height, width = TFLiteSegmenter(str(path)).input_hw
+    """A TFLite file has a fixed input size: evaluate at it (``dataset.crop_size``) unless the user set one.
+    A file that does not load is left for the evaluation to refuse, inside its (then FAILED) MLflow run."""
+    try:
+        height, width = TFLiteSegmenter(str(path)).input_hw
+    except TFLiteError:
+        return cfg
     if list(cfg.dataset.crop_size) == [height, width] or any(o.startswith("dataset.crop_size=") for o in overrides):
         return cfg
     fitted = cfg.copy()
