@@ -250,6 +250,7 @@ def evaluate(cfg, output_dir) -> dict[str, float]:
     """evaluate.py: a TFLite file, checkpoint, run dir or MLflow run id → metrics in a new MLflow run, a child
     of the source's run when the source belongs to one (whose config it then evaluates with)."""
     output_dir = Path(output_dir)
+    tracking.setup_mlflow(cfg.tracking)  # a run id source is looked up in the configured store
     source = sources.resolve_source(cfg.source)
     overrides = tracking.command_line_overrides()
     if cfg.use_run_config:

@@ -120,6 +120,7 @@ def convert(cfg, output_dir) -> dict[str, float]:
     from deeplabq import reporting, sources, tracking
 
     output_dir = Path(output_dir)
+    tracking.setup_mlflow(cfg.tracking)  # a run id source is looked up in the configured store
     source = sources.resolve_source(cfg.source)
     if source.kind != "checkpoint":
         raise ValueError(f"convert.py needs a checkpoint, run dir or run id, got {source.describe()}")

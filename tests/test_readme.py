@@ -54,7 +54,8 @@ class Sandbox:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.filled: dict[str, str] = {}
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPLABQ_")}
+        # a user's shell: none of the variables deeplabq, MLflow or pytest set in this process
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEPLABQ_", "MLFLOW_", "PYTEST_"))}
 
     def run(self, command: str, *, smoke: bool = True, expect: int = 0, timeout: int = 900):
         typed = command
