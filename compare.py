@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every stage")
     args = parser.parse_args()
     quiet_console(args.verbose)  # before TensorFlow loads
-    from deeplabq.comparison import default_out_dir, run_comparison
+    from deeplabq.tasks.compare import default_out_dir, run_comparison
     try:
         out = args.out if args.out is not None else default_out_dir(args.recipe)
         table = run_comparison(args.recipe, args.depth_multipliers, args.overrides, out.resolve(),

@@ -13,7 +13,7 @@ from deeplabq.console import quiet_console
 @hydra.main(version_base="1.3", config_path="conf", config_name="convert")
 def main(cfg: DictConfig) -> float:
     quiet_console(cfg.verbose)  # before TensorFlow loads
-    from deeplabq.export import convert
+    from deeplabq.tasks.convert import convert
 
     return run_task(convert, cfg)
 

@@ -14,7 +14,7 @@ from deeplabq.console import quiet_console
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
     quiet_console(cfg.verbose)  # before TensorFlow loads
-    from deeplabq.evaluation import evaluate
+    from deeplabq.tasks.evaluate import evaluate
 
     return run_task(evaluate, cfg)
 

@@ -15,7 +15,7 @@ from deeplabq.console import quiet_console
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     quiet_console(cfg.verbose)  # before TensorFlow loads
-    from deeplabq.training import train
+    from deeplabq.tasks.train import train
 
     return run_task(train, cfg)
 

@@ -178,6 +178,7 @@ def measure_training(depth_multiplier: float, args, batch_size: int) -> dict:
     import tf_keras as keras
 
     from deeplabq import data as data_lib
+    from deeplabq.config import TrainSpec
     from deeplabq.model import build_deeplab, spec_from_config
     from deeplabq.training import Trainer, configure_batch_norm
 
@@ -186,7 +187,7 @@ def measure_training(depth_multiplier: float, args, batch_size: int) -> dict:
     split = open_camvid_or_exit(cfg)
     model = build_deeplab(spec_from_config(cfg))
     configure_batch_norm(model, bool(cfg.train.fine_tune_batch_norm), float(cfg.train.batch_norm_decay))
-    trainer = Trainer(model, cfg, 0)
+    trainer = Trainer(model, TrainSpec.from_config(cfg), int(cfg.dataset.ignore_label), 0)
     seed = int(cfg.seed)
     label = f"dm {depth_multiplier} b{batch_size}"
 

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import mlflow
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
 from deeplabq import data as data_lib
-from deeplabq import sources, tracking
+from deeplabq.config import EvalSpec
 from deeplabq.console import native_output, progress
 
 
@@ -193,17 +190,17 @@ def interleaved_latency(models: dict, num_threads: int, *, warmup: int = 3, runs
     return {name: float(np.median(values)) for name, values in times.items()}
 
 
-def tflite_metrics(path, kind: str, split: data_lib.SegmentationSplit, cfg) -> tuple[dict[str, float],
-                                                                                      ConfusionMatrix]:
+def tflite_metrics(path, kind: str, split: data_lib.SegmentationSplit, evaluation: EvalSpec,
+                   dataset_cfg) -> tuple[dict[str, float], ConfusionMatrix]:
     """mIoU / per-class IoU / pixel accuracy of a TFLite file (with the most threads), and its latency per
-    thread count in ``cfg.eval.latency_threads``, as ``<kind>/...`` metrics; and its confusion matrix."""
-    threads = [int(t) for t in cfg.eval.latency_threads]
+    thread count in ``eval.latency_threads``, as ``<kind>/...`` metrics; and its confusion matrix."""
+    threads = [int(t) for t in evaluation.latency_threads]
     segmenter = TFLiteSegmenter(str(path), num_threads=max(threads), name=f"{kind}.tflite")
-    confusion = evaluate_tflite(segmenter, split, cfg.dataset, max_images=cfg.eval.max_images)
+    confusion = evaluate_tflite(segmenter, split, dataset_cfg, max_images=evaluation.max_images)
     metrics = confusion.metrics(list(split.class_names), prefix=f"{kind}/")
     for count in threads:
         latency = measure_latency(TFLiteSegmenter(str(path), num_threads=count),
-                                  warmup=int(cfg.eval.latency_warmup), runs=int(cfg.eval.latency_runs))
+                                  warmup=int(evaluation.latency_warmup), runs=int(evaluation.latency_runs))
         metrics[f"{kind}/latency_ms_t{count}"] = latency["latency_ms"]
         metrics[f"{kind}/latency_p90_ms_t{count}"] = latency["latency_p90_ms"]
     return metrics, confusion
@@ -230,49 +227,3 @@ def artifacts_in(metrics: dict[str, float]) -> list[str]:
     which repeats one of them."""
     return [k.split("/")[0] for k in metrics if k.endswith("/size_bytes") and not k.startswith("deploy/")]
 
-
-def fit_crop_to_file(cfg, path: Path, overrides: list[str]):
-    """A TFLite file has a fixed input size: evaluate at it (``dataset.crop_size``) unless the user set one.
-    A file that does not load is left for the evaluation to refuse, inside its (then FAILED) MLflow run."""
-    try:
-        height, width = TFLiteSegmenter(str(path)).input_hw
-    except TFLiteError:
-        return cfg
-    if list(cfg.dataset.crop_size) == [height, width] or any(o.startswith("dataset.crop_size=") for o in overrides):
-        return cfg
-    fitted = cfg.copy()
-    fitted.dataset.crop_size = [height, width]
-    print(f"{path.name} takes {height}x{width} images: dataset.crop_size={[height, width]}")
-    return fitted
-
-
-def evaluate(cfg, output_dir) -> dict[str, float]:
-    """evaluate.py: a TFLite file, checkpoint, run dir or MLflow run id → metrics in a new MLflow run, a child
-    of the source's run when the source belongs to one (whose config it then evaluates with)."""
-    output_dir = Path(output_dir)
-    tracking.setup_mlflow(cfg.tracking)  # a run id source is looked up in the configured store
-    source = sources.resolve_source(cfg.source)
-    overrides = tracking.command_line_overrides()
-    if cfg.use_run_config:
-        cfg = sources.with_run_architecture(cfg, source, overrides)
-    kind = source.path.stem if source.kind == "tflite" else "keras"
-    if source.kind == "tflite":
-        cfg = fit_crop_to_file(cfg, source.path, overrides)
-    cfg = tracking.with_run_name(cfg, f"eval {kind} {cfg.dataset.name}/{cfg.eval.split}")
-    with tracking.tracked_run(cfg, output_dir, parent_run_id=source.run_id):
-        mlflow.set_tags({"deeplabq.source": source.describe(), **(
-            {"deeplabq.evaluated_run": source.run_id} if source.run_id else {})})
-        split = data_lib.open_split(cfg.dataset, cfg.eval.split)
-        if source.kind == "tflite":
-            metrics, _ = tflite_metrics(source.path, kind, split, cfg)
-            metrics[f"{kind}/size_bytes"] = source.path.stat().st_size
-        else:
-            model = sources.load_keras_model(cfg, source)
-            metrics = evaluate_keras(model, split, cfg.dataset, max_images=cfg.eval.max_images).metrics(
-                list(split.class_names), prefix="keras/")
-        metrics.update(deploy_metrics(metrics, kind))
-        tracking.log_metrics(metrics)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-        print(f"{source.describe()} on {split.name}/{split.split} ({len(split)} images): "
-              f"mIoU {metrics['deploy/miou']:.2f} %, pixel accuracy {metrics['deploy/pixel_accuracy']:.2f} %")
-        return metrics

@@ -10,7 +10,6 @@ Variants (TF Model Garden's ``quant_type`` names in brackets):
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from deeplabq import quantization
+from deeplabq.config import ExportSpec
 from deeplabq.console import CapturedOutput, native_output
 from deeplabq.evaluation import TFLiteSegmenter
 from deeplabq.quantization import op_histogram, xnnpack_partitions  # noqa: F401  (re-exported)
@@ -29,6 +29,16 @@ VARIANTS = ("float", "dynamic_range", "float16", "int8", "qat_int8")
 
 class ExportError(RuntimeError):
     """A variant that could not be converted or did not validate; names the variant and the reason."""
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What a run exports and ships, as its quant mode declares it (deeplabq.quant_modes)."""
+
+    variants: tuple[str, ...]  # the TFLite files, in export order
+    shipped: str  # the one whose metrics are also logged as deploy/*
+    float_reference: str | None = None  # the metric deploy/delta_miou is measured against
+    qat: bool = False  # the trained model is fake-quantized: qat_int8 converts it, the others its float source
 
 
 @dataclass
@@ -88,7 +98,7 @@ def write_atomically(path: Path, content: bytes) -> None:
     os.replace(partial, path)
 
 
-def export_variant(model: keras.Model, variant: str, path: Path, *, check_images, export_cfg,
+def export_variant(model: keras.Model, variant: str, path: Path, *, check_images, export_cfg: ExportSpec,
                    representative_images=None, min_agreement: float = 0.0, float_layers=()) -> ExportedModel:
     """Convert, load, run and compare one variant, then write it. Raises ExportError naming the variant."""
     native = CapturedOutput()
@@ -107,44 +117,3 @@ def export_variant(model: keras.Model, variant: str, path: Path, *, check_images
     write_atomically(path, tflite)
     return ExportedModel(variant, path, len(tflite), agreement, op_histogram(tflite), xnnpack_partitions(tflite))
 
-
-def convert(cfg, output_dir) -> dict[str, float]:
-    """convert.py: a checkpoint, run dir or MLflow run → the requested TFLite variants, measured and logged.
-
-    The conversion is a run of its own, a child of the source's run when it has one, named by its options:
-    it never overwrites what the source run recorded. The last of ``variants`` is its ``deploy/*`` artifact.
-    """
-    import mlflow
-
-    from deeplabq import data as data_lib
-    from deeplabq import reporting, sources, tracking
-
-    output_dir = Path(output_dir)
-    tracking.setup_mlflow(cfg.tracking)  # a run id source is looked up in the configured store
-    source = sources.resolve_source(cfg.source)
-    if source.kind != "checkpoint":
-        raise ValueError(f"convert.py needs a checkpoint, run dir or run id, got {source.describe()}")
-    for variant in cfg.variants:
-        if variant not in VARIANTS:
-            raise ValueError(f"variants: unknown TFLite variant {variant!r}; choose from {VARIANTS}")
-        if (variant == "qat_int8") != source.quantized:
-            raise ValueError(f"variants: {variant!r} does not fit {source.describe()} "
-                             f"({'a QAT' if source.quantized else 'a float'} checkpoint)")
-    overrides = tracking.command_line_overrides()
-    if cfg.use_run_config:
-        cfg = sources.with_run_architecture(cfg, source, overrides)
-    options = [o for o in overrides if o.startswith(("variants=", "export."))]
-    cfg = tracking.with_run_name(cfg, "convert " + (" ".join(options) or ",".join(cfg.variants)))
-    with tracking.tracked_run(cfg, output_dir, parent_run_id=source.run_id):
-        mlflow.set_tag("deeplabq.converted_from", source.describe())
-        model = sources.load_keras_model(cfg, source)
-        train_split = data_lib.open_split(cfg.dataset, cfg.dataset.train_split)
-        eval_split = data_lib.open_split(cfg.dataset, cfg.eval.split)
-        models = {"qat_model": model} if source.quantized else {"float_model": model}
-        metrics = reporting.export_and_measure(cfg, output_dir, list(cfg.variants), train_split=train_split,
-                                               eval_split=eval_split, **models)
-        metrics.update(reporting.ship(metrics, str(cfg.variants[-1]), "float/miou"))
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-        print(reporting.summary_table(metrics, [int(t) for t in cfg.eval.latency_threads]))
-        reporting.print_run_location(cfg)
-        return metrics

@@ -1,4 +1,5 @@
-"""After training: evaluate the Keras model, export every TFLite artifact of the run, measure and log each."""
+"""After training: evaluate the Keras model, export every TFLite artifact of the run, measure and log each,
+ship one, draw the run's figures and print its summary."""
 
 from __future__ import annotations
 
@@ -10,77 +11,60 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-from omegaconf import DictConfig
 
 from deeplabq import data as data_lib
 from deeplabq import evaluation, export, figures, quantization, tracking
+from deeplabq.config import ExportSpec, QuantSpec, RunSpec
 from deeplabq.console import native_output, progress
+from deeplabq.export import ExportPlan
 
 # Each variant must agree this well with the Keras model it came from, or it is not kept.
 MIN_AGREEMENT = {"float": 0.99, "float16": 0.97}
 
 
-def planned_variants(cfg: DictConfig) -> list[str]:
-    """The deployable TFLite artifacts of a run, by quant mode."""
-    mode = cfg.quant.mode
-    if mode == "float":
-        return ["float", *cfg.export.ptq_variants]
-    if mode == "ptq":
-        return ["float", str(cfg.quant.scheme)]
-    return ["qat_int8"]
+def check_calibration_count(quant: QuantSpec, train_split) -> None:
+    """Fail before any work when int8 calibration asks for more train images than the split has."""
+    if int(quant.calibration_samples) > len(train_split):
+        raise ValueError(f"quant.calibration_samples={quant.calibration_samples} is larger than the "
+                         f"'{train_split.split}' split ({len(train_split)} images)")
 
 
-def calibration_images(cfg: DictConfig, train_split, output_dir: Path) -> list[np.ndarray]:
+def calibration_images(quant: QuantSpec, dataset_cfg, train_split, output_dir: Path) -> list[np.ndarray]:
     """``quant.calibration_samples`` train images (fixed seed), padded as for eval; the list is logged."""
-    count = int(cfg.quant.calibration_samples)
-    if count > len(train_split):
-        raise ValueError(f"quant.calibration_samples={count} is larger than the '{train_split.split}' split "
-                         f"({len(train_split)} images)")
-    rng = np.random.default_rng(int(cfg.quant.calibration_seed))
-    indices = sorted(rng.choice(len(train_split), size=count, replace=False).tolist())
+    check_calibration_count(quant, train_split)
+    rng = np.random.default_rng(int(quant.calibration_seed))
+    indices = sorted(rng.choice(len(train_split), size=int(quant.calibration_samples), replace=False).tolist())
     listing = output_dir / "calibration_images.txt"
     listing.write_text("".join(f"{train_split.describe(i)}\n" for i in indices))
     mlflow.log_artifact(str(listing))
     images = []
     for index in progress(indices, desc="calibration images"):
         image, _ = train_split.load(index)
-        images.append(data_lib.preprocess_for_eval(image, None, cfg.dataset)[0])
+        images.append(data_lib.preprocess_for_eval(image, None, dataset_cfg)[0])
     return images
 
 
-def deploy_artifact(cfg: DictConfig) -> str:
-    """The artifact a run ships: its float file, its PTQ scheme's file, or its QAT int8 file."""
-    mode = cfg.quant.mode
-    return "float" if mode == "float" else str(cfg.quant.scheme) if mode == "ptq" else "qat_int8"
-
-
-# The metric the shipped artifact's mIoU is compared with, by mode (delayed QAT trains no float model).
-FLOAT_REFERENCE = {"float": "float/miou", "ptq": "float/miou", "qat_finetune": "keras_float/miou"}
-
-
-def evaluate_and_export(cfg: DictConfig, output_dir: Path, model, float_model, train_split,
+def evaluate_and_export(spec: RunSpec, plan: ExportPlan, output_dir: Path, model, float_model, train_split,
                         eval_split) -> dict[str, float]:
-    """Keras metrics of the trained model (and of its float source), then every planned TFLite artifact,
+    """Keras metrics of the trained model (and of its float source), then every TFLite artifact of ``plan``,
     the ``deploy/*`` metrics of the one the run ships, and the run's figures."""
-    max_images, names = cfg.eval.max_images, list(eval_split.class_names)
-    confusions = {"keras": evaluation.evaluate_keras(model, eval_split, cfg.dataset, max_images=max_images)}
+    max_images, names = spec.eval.max_images, list(eval_split.class_names)
+    confusions = {"keras": evaluation.evaluate_keras(model, eval_split, spec.dataset, max_images=max_images)}
     metrics = confusions["keras"].metrics(names, prefix="keras/")
     if float_model is not None and float_model is not model:
-        metrics.update(evaluation.evaluate_keras(float_model, eval_split, cfg.dataset, max_images=max_images)
+        metrics.update(evaluation.evaluate_keras(float_model, eval_split, spec.dataset, max_images=max_images)
                        .metrics(names, prefix="keras_float/"))
     tracking.log_metrics(metrics)
-    qat_model = model if cfg.quant.mode in ("qat_delayed", "qat_finetune") else None
     failure = None
     try:
-        metrics.update(export_and_measure(cfg, output_dir, planned_variants(cfg), float_model=float_model,
-                                          qat_model=qat_model, train_split=train_split, eval_split=eval_split,
-                                          confusions=confusions))
+        metrics.update(export_and_measure(spec, output_dir, list(plan.variants), float_model=float_model,
+                                          qat_model=model if plan.qat else None, train_split=train_split,
+                                          eval_split=eval_split, confusions=confusions))
     except export.ExportError as error:  # the good artifacts are kept and reported; the run still fails
         failure = error
-    shipped = deploy_artifact(cfg)
-    metrics.update(ship(metrics, shipped, FLOAT_REFERENCE.get(cfg.quant.mode)))
-    log_figures(output_dir, eval_split, cfg.dataset, confusions, shipped,
-                output_dir / "tflite" / f"{shipped}.tflite", max_images)
+    metrics.update(ship(metrics, plan.shipped, plan.float_reference))
+    log_figures(output_dir, eval_split, spec.dataset, confusions, plan.shipped,
+                output_dir / "tflite" / f"{plan.shipped}.tflite", max_images)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     if failure is not None:
         raise failure
@@ -123,17 +107,18 @@ def log_figures(output_dir: Path, split, dataset_cfg, confusions: dict, shipped:
         mlflow.log_artifact(str(path), artifact_path="figures")
 
 
-def export_and_measure(cfg: DictConfig, output_dir: Path, variants: list[str], *, train_split, eval_split,
+def export_and_measure(spec: RunSpec, output_dir: Path, variants: list[str], *, train_split, eval_split,
                        float_model=None, qat_model=None, confusions: dict | None = None) -> dict[str, float]:
     """Each variant: convert, validate against its Keras model, write, evaluate, time, log.
 
     A variant that fails is reported and skipped; the others are still exported and logged, then one
     ExportError names every failed variant (so the run ends FAILED with its good artifacts intact).
     """
-    check_count = min(int(cfg.export.agreement_images), len(eval_split))
-    check_images = [data_lib.preprocess_for_eval(eval_split.load(i)[0], None, cfg.dataset)[0]
+    check_count = min(int(spec.export.agreement_images), len(eval_split))
+    check_images = [data_lib.preprocess_for_eval(eval_split.load(i)[0], None, spec.dataset)[0]
                     for i in range(check_count)]
-    representative = calibration_images(cfg, train_split, output_dir) if "int8" in variants else None
+    representative = (calibration_images(spec.quant, spec.dataset, train_split, output_dir) if "int8" in variants
+                      else None)
     tflite_dir = output_dir / "tflite"
     metrics, failures = {}, []
     for variant in progress(variants, desc="export", unit="file"):
@@ -142,10 +127,11 @@ def export_and_measure(cfg: DictConfig, output_dir: Path, variants: list[str], *
             if source is None:
                 raise export.ExportError(f"TFLite variant '{variant}' needs a "
                                          f"{'QAT' if variant == 'qat_int8' else 'float'} model")
-            float_layers = int8_float_layers(cfg, tflite_dir, source, representative) if variant == "int8" else []
+            float_layers = (int8_float_layers(spec.export, tflite_dir, source, representative) if variant == "int8"
+                            else [])
             exported = export.export_variant(
                 source, variant, tflite_dir / f"{variant}.tflite", check_images=check_images,
-                export_cfg=cfg.export, representative_images=representative,
+                export_cfg=spec.export, representative_images=representative,
                 min_agreement=MIN_AGREEMENT.get(variant, 0.0), float_layers=float_layers)
         except export.ExportError as error:
             print(f"error: {error}")
@@ -158,7 +144,8 @@ def export_and_measure(cfg: DictConfig, output_dir: Path, variants: list[str], *
             ops_file.write_text(json.dumps({"op_histogram": exported.op_histogram,
                                             "xnnpack_partitions": exported.xnnpack_partitions}, indent=1))
             mlflow.log_artifact(str(ops_file), artifact_path="tflite")
-        quality, confusion = evaluation.tflite_metrics(exported.path, variant, eval_split, cfg)
+        quality, confusion = evaluation.tflite_metrics(exported.path, variant, eval_split, spec.eval,
+                                                      spec.dataset)
         if confusions is not None:
             confusions[variant] = confusion
         variant_metrics = {
@@ -175,31 +162,31 @@ def export_and_measure(cfg: DictConfig, output_dir: Path, variants: list[str], *
     return metrics
 
 
-def int8_float_layers(cfg: DictConfig, tflite_dir: Path, float_model, representative) -> list[str]:
+def int8_float_layers(export_spec: ExportSpec, tflite_dir: Path, float_model, representative) -> list[str]:
     """The layers the PTQ int8 file keeps in float: ``export.int8_float_layers`` plus the
     ``export.int8_float_worst_layers`` worst others of the per-layer error report, which is written first
     when ``export.int8_debug_images`` > 0. Tags the run with them; a failing report fails the int8 variant."""
-    chosen = list(cfg.export.int8_float_layers)
-    if int(cfg.export.int8_debug_images) > 0:
+    chosen = list(export_spec.int8_float_layers)
+    if int(export_spec.int8_debug_images) > 0:
         try:
-            rows = int8_error_report(cfg, tflite_dir, float_model, representative)
+            rows = int8_error_report(export_spec, tflite_dir, float_model, representative)
         except Exception as error:  # noqa: BLE001  (reported as the int8 variant's failure)
             raise export.ExportError(f"TFLite variant 'int8' failed: per-layer error report: "
                                      f"{type(error).__name__}: {error}") from error
         worst = [row["layer"] for row in rows if row["layer"] not in chosen]
-        chosen += list(dict.fromkeys(worst))[: int(cfg.export.int8_float_worst_layers)]
+        chosen += list(dict.fromkeys(worst))[: int(export_spec.int8_float_worst_layers)]
     if chosen:
         mlflow.set_tag("deeplabq.int8_float_layers", ",".join(chosen))
     return chosen
 
 
-def int8_error_report(cfg: DictConfig, tflite_dir: Path, float_model, representative) -> list[dict]:
+def int8_error_report(export_spec: ExportSpec, tflite_dir: Path, float_model, representative) -> list[dict]:
     """Per-layer error of the PTQ int8 model (QuantizationDebugger) on the first ``export.int8_debug_images``
     calibration images, written and logged as ``tflite/int8_layer_errors.csv``; the rows, worst first."""
     with native_output():
         rows = quantization.int8_layer_errors(float_model, representative,
-                                              representative[: int(cfg.export.int8_debug_images)],
-                                              per_channel=bool(cfg.export.per_channel))
+                                              representative[: int(export_spec.int8_debug_images)],
+                                              per_channel=bool(export_spec.per_channel))
     table = io.StringIO()
     writer = csv.DictWriter(table, ["layer", "op", "rmse/scale", "max_abs_error/scale", "scale", "tensor"])
     writer.writeheader()
@@ -240,15 +227,15 @@ def summary_table(metrics: dict[str, float], threads: list[int]) -> str:
     return "\n".join(lines)
 
 
-def print_summary(cfg: DictConfig, metrics: dict[str, float]) -> None:
-    print("\n" + summary_table(metrics, [int(t) for t in cfg.eval.latency_threads]))
-    print_run_location(cfg)
+def print_summary(metrics: dict[str, float], threads, output_dir: Path) -> None:
+    print("\n" + summary_table(metrics, [int(t) for t in threads]))
+    print_run_location(output_dir)
 
 
-def print_run_location(cfg: DictConfig) -> None:
+def print_run_location(output_dir: Path) -> None:
     """Where the run is: its MLflow run, output folder and the UI command and page."""
     run = mlflow.active_run()
     if run is None:
         return
-    print(f"\nMLflow run {run.info.run_id} ({run.info.run_name}), files in {cfg.paths.output_dir}")
-    print(tracking.browse_lines(cfg.tracking.tracking_uri, run.info.experiment_id, run.info.run_id))
+    print(f"\nMLflow run {run.info.run_id} ({run.info.run_name}), files in {output_dir}")
+    print(tracking.browse_lines(mlflow.get_tracking_uri(), run.info.experiment_id, run.info.run_id))

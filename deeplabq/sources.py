@@ -11,7 +11,9 @@ import tensorflow as tf
 import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from deeplabq import tracking
+from deeplabq import checkpoints, tracking
+from deeplabq.model import DeepLabSpec, build_deeplab
+from deeplabq.quantization import quantize_model
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 CHECKPOINT_DIR = "checkpoints"
@@ -123,15 +125,10 @@ def with_run_architecture(cfg: DictConfig, source: ModelSource, overrides: list[
     return merged
 
 
-def load_keras_model(cfg: DictConfig, source: ModelSource):
-    """Build the model the config describes (QAT-wrapped if the checkpoint is) and restore its weights."""
-    from deeplabq import checkpoints
-    from deeplabq.model import build_deeplab, spec_from_config
-
-    model = build_deeplab(spec_from_config(cfg))
+def load_keras_model(model_spec: DeepLabSpec, source: ModelSource):
+    """Build the model ``model_spec`` describes (QAT-wrapped if the checkpoint is) and restore its weights."""
+    model = build_deeplab(model_spec)
     if source.quantized:
-        from deeplabq.quantization import quantize_model
-
         model = quantize_model(model)
     checkpoints.load_run_weights(model, source.path)
     return model

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from deeplabq import figures, mlflow_view, tracking
 
 # Runs with equal values of these params are comparable: the float run among them is the baseline.
+FLOAT_TAG = "deeplabq.deploy_artifact"  # a run that ships its float file is a float baseline
 BASELINE_KEYS = ("dataset.name", "dataset.crop_size", "backbone.depth_multiplier", "backbone.output_stride",
                  "head.name", "train.steps")
 
@@ -48,9 +49,9 @@ def float_baselines(client: MlflowClient, experiment_id: str, children: list) ->
     of the experiment with the same dataset, crop, backbone, head and steps."""
     wanted = {_key(c) for c in children}
     found = {_key(c): c for c in children
-             if c.data.params.get("quant.mode") == "float" and c.info.status == "FINISHED"}
+             if c.data.tags.get(FLOAT_TAG) == "float" and c.info.status == "FINISHED"}
     if wanted - set(found):
-        candidates = client.search_runs([experiment_id], "params.`quant.mode` = 'float' and "
+        candidates = client.search_runs([experiment_id], f"tags.`{FLOAT_TAG}` = 'float' and "
                                         "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
                                         max_results=500)
         for run in candidates:
@@ -84,9 +85,8 @@ def summarize(client: MlflowClient, parent) -> tuple[str, list[dict], object | N
         base = baselines.get(_key(child))
         delta = (m["deploy/miou"] - base.data.metrics["deploy/miou"] if base is not None and "deploy/miou" in m
                  else m.get("deploy/delta_miou"))
-        mode = p.get("quant.mode", "?")
-        cells = [child.info.run_name, child.info.status, mode,
-                 p.get("quant.delay_steps") if mode == "qat_delayed" else "–", p.get("backbone.depth_multiplier", "?"),
+        cells = [child.info.run_name, child.info.status, p.get("quant.mode", "?"),
+                 child.data.tags.get("deeplabq.quant_delay", "–"), p.get("backbone.depth_multiplier", "?"),
                  child.data.tags.get("deeplabq.deploy_artifact", "–"), _cell(m.get("deploy/miou"), ".2f"),
                  _cell(delta, "+.2f"), _cell(m.get("deploy/size_bytes", math.nan) / 1024, ".0f"),
                  f"{_cell(m.get('deploy/latency_ms_t1'), '.2f')} / {_cell(m.get('deploy/latency_ms_t2'), '.2f')}"]

@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import mlflow
 from hydra.core.hydra_config import HydraConfig
@@ -94,17 +95,13 @@ def group_choices(cfg: DictConfig) -> dict[str, str]:
     }
 
 
-def run_name(cfg: DictConfig) -> str:
-    """Short, with what usually differs between runs first: mode, delay, depth multiplier, output stride,
-    head, dataset (``qat_delayed-d100-dm0.5-os16-synthetic``)."""
+def run_name(cfg: DictConfig, mode_parts=()) -> str:
+    """Short, with what usually differs between runs first: mode and what its mode adds (``mode_parts``: the
+    delay, the PTQ scheme), depth multiplier, output stride, head, dataset
+    (``qat_delayed-d100-dm0.5-os16-synthetic``)."""
     if cfg.tracking.get("run_name"):
         return str(cfg.tracking.run_name)
-    mode = str(cfg.quant.mode)
-    parts = [mode]
-    if mode == "qat_delayed":
-        parts.append(f"d{cfg.quant.delay_steps}")
-    elif mode == "ptq":
-        parts.append(str(cfg.quant.scheme))
+    parts = [str(cfg.quant.mode), *mode_parts]
     parts += [f"dm{float(cfg.backbone.depth_multiplier):g}", f"os{cfg.backbone.output_stride}"]
     if cfg.head.decoder_output_stride is not None:
         parts.append("v3plus")
@@ -155,11 +152,13 @@ def _existing_run_id(output_dir: Path) -> str | None:
 
 
 @contextlib.contextmanager
-def tracked_run(cfg: DictConfig, output_dir: Path, *, resume: bool = False, parent_run_id: str | None = None):
+def tracked_run(cfg: DictConfig, output_dir: Path, *, resume: bool = False, parent_run_id: str | None = None,
+                name: str | None = None):
     """Start (or resume) the MLflow run of a job; mark it FAILED if the body raises.
 
     On a fresh run logs the flattened resolved config as params, the resolved config file and tags;
-    ``parent_run_id`` nests it under another run (evaluate.py and convert.py under the run of their source).
+    ``parent_run_id`` nests it under another run (evaluate.py and convert.py under the run of their source);
+    ``name`` is the run's name (default: :func:`run_name`).
     """
     experiment_id = setup_mlflow(cfg.tracking)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +169,7 @@ def tracked_run(cfg: DictConfig, output_dir: Path, *, resume: bool = False, pare
     run = mlflow.start_run(
         run_id=run_id,
         experiment_id=None if run_id else experiment_id,
-        run_name=run_name(cfg) if fresh else None,
+        run_name=(name or run_name(cfg)) if fresh else None,
         tags=run_tags(cfg, parent_run_id) if fresh else None,
     )
     try:
@@ -209,6 +208,4 @@ def run_artifact_dir(run_id: str) -> Path:
     uri = MlflowClient().get_run(run_id).info.artifact_uri
     if not uri.startswith("file:"):
         raise ValueError(f"run {run_id} stores artifacts at {uri}; only local file artifact stores are supported")
-    from urllib.parse import unquote, urlparse
-
     return Path(unquote(urlparse(uri).path))

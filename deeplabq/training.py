@@ -1,4 +1,5 @@
-"""train(cfg, output_dir): the whole job behind train.py — train (per quant mode), evaluate, export, log."""
+"""The training loop and what it needs: loss, learning-rate schedule, optimizer, batch-norm handling,
+the initial weights, checkpoints. The train job (deeplabq.tasks.train) and the quant modes call it."""
 
 from __future__ import annotations
 
@@ -11,15 +12,13 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
-from omegaconf import DictConfig
 
 from deeplabq import checkpoints as ckpt_lib
 from deeplabq import data as data_lib
 from deeplabq import tracking
-from deeplabq.config import validate_config
+from deeplabq.config import InitSpec, RunSpec, TrainSpec
 from deeplabq.console import progress
-from deeplabq.model import build_deeplab, spec_from_config
-from deeplabq.reporting import evaluate_and_export, planned_variants, print_summary
+from deeplabq.quantization import freeze_batch_norm, set_range_updates
 from deeplabq.sources import CHECKPOINT_DIR, PHASE_FILE, resolve_source
 
 
@@ -32,22 +31,22 @@ def segmentation_loss(logits, labels, ignore_label: int):
     return tf.reduce_sum(per_pixel) / tf.maximum(tf.reduce_sum(tf.cast(valid, tf.float32)), 1.0)
 
 
-def learning_rate_schedule(train_cfg):
+def learning_rate_schedule(train: TrainSpec):
     """research/deeplab's 'poly' policy: lr * (1 - step / steps) ** power, or a constant."""
-    base = float(train_cfg.learning_rate)
-    if train_cfg.learning_policy == "constant":
-        return keras.optimizers.schedules.PolynomialDecay(base, int(train_cfg.steps), base, power=1.0)
+    base = float(train.learning_rate)
+    if train.learning_policy == "constant":
+        return keras.optimizers.schedules.PolynomialDecay(base, int(train.steps), base, power=1.0)
     return keras.optimizers.schedules.PolynomialDecay(
-        base, int(train_cfg.steps), float(train_cfg.end_learning_rate), power=float(train_cfg.learning_power)
+        base, int(train.steps), float(train.end_learning_rate), power=float(train.learning_power)
     )
 
 
-def make_optimizer(train_cfg, start_step: int = 0):
-    schedule = learning_rate_schedule(train_cfg)
-    if train_cfg.optimizer == "adam":
-        optimizer = keras.optimizers.Adam(schedule, epsilon=float(train_cfg.adam_epsilon))
+def make_optimizer(train: TrainSpec, start_step: int = 0):
+    schedule = learning_rate_schedule(train)
+    if train.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(schedule, epsilon=float(train.adam_epsilon))
     else:
-        optimizer = keras.optimizers.SGD(schedule, momentum=float(train_cfg.momentum))
+        optimizer = keras.optimizers.SGD(schedule, momentum=float(train.momentum))
     optimizer.iterations.assign(start_step)  # the schedule continues where a previous phase stopped
     return optimizer
 
@@ -132,12 +131,12 @@ def _all_layers(model):
 class Trainer:
     """Custom training loop over one model; a new Trainer takes over when delayed QAT switches models."""
 
-    def __init__(self, model: keras.Model, cfg: DictConfig, start_step: int) -> None:
-        self.model, self.cfg = model, cfg
-        self.schedule = learning_rate_schedule(cfg.train)
-        self.optimizer = make_optimizer(cfg.train, start_step)
-        self.ignore_label = int(cfg.dataset.ignore_label)
-        self.weight_decay = float(cfg.train.weight_decay)
+    def __init__(self, model: keras.Model, train: TrainSpec, ignore_label: int, start_step: int) -> None:
+        self.model = model
+        self.schedule = learning_rate_schedule(train)
+        self.optimizer = make_optimizer(train, start_step)
+        self.ignore_label = int(ignore_label)
+        self.weight_decay = float(train.weight_decay)
         # Create the optimizer's slot variables now: a tf.function that creates variables on its first call
         # is traced twice, which costs 5-15 s per model (twice that for a QAT model).
         self.optimizer.build(model.trainable_variables)
@@ -167,18 +166,18 @@ class Trainer:
         return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
 
 
-def initialize_weights(model: keras.Model, init_cfg, train_batches=None) -> str:
+def initialize_weights(model: keras.Model, init: InitSpec, train_batches=None) -> str:
     """Apply ``init`` (scratch / keras_imagenet / deeplab_checkpoint / run); returns what was loaded.
 
     ``init.reestimate_batch_norm`` > 0 then re-estimates the batch-norm statistics on that many batches of
     ``train_batches()`` (an iterator of train batches), keeping the function
     (:func:`reestimate_batch_norm_statistics`).
     """
-    source = init_cfg.source
+    source = init.source
     if source == "scratch":
         return "scratch"
-    described = _load_initial_weights(model, init_cfg)
-    reestimate = int(init_cfg.get("reestimate_batch_norm") or 0)
+    described = _load_initial_weights(model, init)
+    reestimate = int(init.reestimate_batch_norm or 0)
     if reestimate:
         if train_batches is None:
             raise ValueError("init.reestimate_batch_norm needs train batches")
@@ -187,26 +186,26 @@ def initialize_weights(model: keras.Model, init_cfg, train_batches=None) -> str:
     return described
 
 
-def init_batches(cfg: DictConfig, train_split):
+def init_batches(spec: RunSpec, train_split):
     """Train batches for ``init.reestimate_batch_norm``: the augmented train pipeline, batch train.batch_size."""
     return lambda: data_lib.iterate(data_lib.input_pipeline(
-        train_split, cfg.dataset, training=True, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed) + 1))
+        train_split, spec.dataset, training=True, batch_size=int(spec.train.batch_size), seed=int(spec.train.seed) + 1))
 
 
-def _load_initial_weights(model: keras.Model, init_cfg) -> str:
-    source = init_cfg.source
+def _load_initial_weights(model: keras.Model, init: InitSpec) -> str:
+    source = init.source
     if source == "keras_imagenet":
-        ckpt_lib.load_keras_imagenet_weights(model, init_cfg.path or "imagenet")
+        ckpt_lib.load_keras_imagenet_weights(model, init.path or "imagenet")
     elif source == "deeplab_checkpoint":
         ckpt_lib.load_deeplab_tf1_checkpoint(
-            model, str(init_cfg.path), initialize_last_layer=bool(init_cfg.initialize_last_layer)
+            model, str(init.path), initialize_last_layer=bool(init.initialize_last_layer)
         )
     elif source == "run":
-        source = resolve_source(str(init_cfg.path))
+        source = resolve_source(str(init.path))
         if source.kind != "checkpoint" or source.quantized:
-            raise ValueError(f"init.path={init_cfg.path} must be a float checkpoint, got {source.describe()}")
+            raise ValueError(f"init.path={init.path} must be a float checkpoint, got {source.describe()}")
         ckpt_lib.load_run_weights(model, source.path)
-    return f"{source}:{init_cfg.path}"
+    return f"{source}:{init.path}"
 
 
 def _log_checkpoint(save_path: str) -> None:
@@ -218,7 +217,7 @@ def _log_checkpoint(save_path: str) -> None:
         mlflow.log_artifact(str(directory / PHASE_FILE), artifact_path=CHECKPOINT_DIR)
 
 
-def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, quantize_at: int | None = None,
+def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, quantize_at: int | None = None,
         quantize_fn=None, freeze_bn_at: int | None = None) -> keras.Model:
     """Train ``model`` for ``train.steps`` steps; returns the trained model.
 
@@ -228,19 +227,19 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
     the batch-norm moving statistics of the model being trained stop updating from that step on.
     Checkpoints go to ``<output_dir>/checkpoints`` every ``train.checkpoint_every_steps`` and to MLflow.
     """
-    train_cfg = cfg.train
-    total_steps = int(train_cfg.steps)
+    train = spec.train
+    total_steps = int(train.steps)
     checkpoint_dir = output_dir / CHECKPOINT_DIR
-    configure_batch_norm(model, bool(train_cfg.fine_tune_batch_norm), float(train_cfg.batch_norm_decay))
+    configure_batch_norm(model, bool(train.fine_tune_batch_norm), float(train.batch_norm_decay))
     pipeline = data_lib.input_pipeline(
-        train_split, cfg.dataset, training=True, batch_size=int(train_cfg.batch_size), seed=int(cfg.seed)
+        train_split, spec.dataset, training=True, batch_size=int(train.batch_size), seed=int(train.seed)
     )
     batches = data_lib.iterate(pipeline)
 
     if freeze_bn_at is not None and quantize_at is not None and freeze_bn_at < quantize_at:
         raise ValueError(f"freeze_bn_at={freeze_bn_at} is before quantize_at={quantize_at}")
     start_step, quantized, bn_frozen = 0, False, False
-    latest = tf.train.latest_checkpoint(str(checkpoint_dir)) if cfg.resume else None
+    latest = tf.train.latest_checkpoint(str(checkpoint_dir)) if train.resume else None
     if latest:
         phase_file = checkpoint_dir / PHASE_FILE
         quantized = bool(json.loads(phase_file.read_text()).get("quantized")) if phase_file.exists() else False
@@ -248,16 +247,14 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
             if quantize_fn is None:
                 raise ValueError(f"{latest} is a quantized checkpoint; resume it with its QAT quant mode")
             model = quantize_fn(model, None)
-        trainer = Trainer(model, cfg, 0)
+        trainer = Trainer(model, train, spec.dataset.ignore_label, 0)
         trainer.checkpoint().restore(latest).assert_existing_objects_matched()
         start_step = trainer.step
         if quantized:
-            from deeplabq.quantization import set_range_updates
-
             set_range_updates(model, start_step - int(quantize_at))  # the range EMAs' warm-up continues
         print(f"resumed from {latest} at step {start_step}")
     else:
-        trainer = Trainer(model, cfg, 0)
+        trainer = Trainer(model, train, spec.dataset.ignore_label, 0)
     manager = tf.train.CheckpointManager(trainer.checkpoint(), str(checkpoint_dir), max_to_keep=2)
 
     window_start, window_images, window_losses = time.perf_counter(), 0, []
@@ -265,13 +262,11 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
     for step in range(start_step, total_steps):
         if quantize_at is not None and not quantized and step >= quantize_at:
             model = quantize_fn(trainer.model, batches)
-            trainer = Trainer(model, cfg, step)
+            trainer = Trainer(model, train, spec.dataset.ignore_label, step)
             manager = tf.train.CheckpointManager(trainer.checkpoint(), str(checkpoint_dir), max_to_keep=2)
             quantized = True
             mlflow.log_metric("quantization_started", 1.0, step=step)
         if freeze_bn_at is not None and not bn_frozen and step >= freeze_bn_at:
-            from deeplabq.quantization import freeze_batch_norm
-
             freeze_batch_norm(trainer.model)  # also on resume: a restored model is built unfrozen
             trainer.retrace()
             bn_frozen = True
@@ -282,12 +277,12 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
         window_images += int(images.shape[0])
         window_losses.append(loss)
         done = step + 1
-        if done % int(train_cfg.log_every_steps) == 0 or done == total_steps:
+        if done % int(train.log_every_steps) == 0 or done == total_steps:
             elapsed = time.perf_counter() - window_start
             loss_value = float(np.mean([float(v) for v in window_losses]))  # mean over the log window
             if not np.isfinite(loss_value):
                 raise FloatingPointError(f"training loss became {loss_value} at step {done}; "
-                                         f"lower train.learning_rate (now {train_cfg.learning_rate})")
+                                         f"lower train.learning_rate (now {train.learning_rate})")
             tracking.log_metrics(
                 {
                     "loss": loss_value,
@@ -302,7 +297,7 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
                       f"({window_images / max(elapsed, 1e-9):.1f} img/s)")
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             window_start, window_images, window_losses = time.perf_counter(), 0, []
-        if done % int(train_cfg.checkpoint_every_steps) == 0 or done == total_steps:
+        if done % int(train.checkpoint_every_steps) == 0 or done == total_steps:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             (checkpoint_dir / PHASE_FILE).write_text(json.dumps({"quantized": quantized}))
             _log_checkpoint(manager.save(checkpoint_number=done))
@@ -310,30 +305,3 @@ def fit(model: keras.Model, cfg: DictConfig, output_dir: Path, train_split, *, q
     bar.close()
     return trainer.model
 
-
-def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
-    """Run one training job (any quant mode) and return its metrics (``miou`` is the deployable one's)."""
-    output_dir = Path(output_dir)
-    with tracking.tracked_run(cfg, output_dir, resume=bool(cfg.resume)):
-        validate_config(cfg)
-        keras.utils.set_random_seed(int(cfg.seed))
-        train_split = data_lib.open_split(cfg.dataset, cfg.dataset.train_split)
-        eval_split = data_lib.open_split(cfg.dataset, cfg.eval.split)
-        if "int8" in planned_variants(cfg) and int(cfg.quant.calibration_samples) > len(train_split):
-            raise ValueError(f"quant.calibration_samples={cfg.quant.calibration_samples} is larger than the "
-                             f"'{train_split.split}' split ({len(train_split)} images)")
-        spec = spec_from_config(cfg)
-        model = build_deeplab(spec)
-        mode = cfg.quant.mode
-        if mode == "float":
-            if not (cfg.resume and tf.train.latest_checkpoint(str(output_dir / CHECKPOINT_DIR))):
-                mlflow.set_tag("deeplabq.init", initialize_weights(model, cfg.init, init_batches(cfg, train_split)))
-            model = fit(model, cfg, output_dir, train_split)
-            float_model = model
-        else:
-            from deeplabq.quantization_modes import run_quant_mode
-
-            model, float_model = run_quant_mode(cfg, output_dir, model, train_split)
-        metrics = evaluate_and_export(cfg, output_dir, model, float_model, train_split, eval_split)
-        print_summary(cfg, metrics)
-        return metrics

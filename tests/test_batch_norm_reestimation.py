@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import tf_keras as keras
 
-from deeplabq.config import ConfigError, validate_config
+from deeplabq.config import ConfigError
 from deeplabq.model import DeepLabSpec, build_deeplab
+from deeplabq.quant_modes import validate_config
 from deeplabq.training import reestimate_batch_norm_statistics
 
 from .conftest import compose_config
@@ -71,7 +72,7 @@ def test_runs_reestimate_after_loading_a_deeplab_checkpoint(tmp_path, tiny_overr
     """Both modes that start from init (float, delayed QAT) re-estimate, and say so in the run's init tag."""
     from deeplabq.checkpoints import save_deeplab_tf1_checkpoint
     from deeplabq.model import spec_from_config
-    from deeplabq.training import train
+    from deeplabq.tasks.train import train
 
     from .conftest import only_run
 

@@ -7,8 +7,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from deeplabq import quantization as Q
-from deeplabq.comparison import run_comparison
 from deeplabq.model import DeepLabSpec, build_deeplab
+from deeplabq.tasks.compare import run_comparison
 
 
 def test_table_of_finished_stages_times_every_file_again(tmp_path):
@@ -51,7 +51,7 @@ def test_table_of_finished_stages_times_every_file_again(tmp_path):
 
 
 def test_recipes_have_their_presets_and_own_stage_directories(tmp_path):
-    from deeplabq.comparison import RECIPES, ROOT, default_out_dir
+    from deeplabq.tasks.compare import RECIPES, ROOT, default_out_dir
 
     for recipe, stages in RECIPES.items():
         assert next(iter(stages)) == "float", recipe

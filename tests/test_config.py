@@ -3,8 +3,9 @@
 import pytest
 from hydra import compose, initialize_config_dir
 
-from deeplabq.config import ConfigError, validate_config
+from deeplabq.config import ConfigError
 from deeplabq.model import spec_from_config
+from deeplabq.quant_modes import validate_config
 
 from .conftest import CONF_DIR, compose_config
 

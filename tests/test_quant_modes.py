@@ -7,13 +7,13 @@ import tf_keras as keras
 from mlflow.tracking import MlflowClient
 
 from deeplabq.checkpoints import CheckpointMismatchError, load_run_weights
-from deeplabq.config import ConfigError
+from deeplabq.config import ConfigError, RunSpec
 from deeplabq.data import input_pipeline, open_split
 from deeplabq.export import ExportError
 from deeplabq.model import build_deeplab, spec_from_config
-from deeplabq.quantization_modes import start_quantization
+from deeplabq.quant_modes.common import start_quantization
 from deeplabq.reporting import export_and_measure
-from deeplabq.training import train
+from deeplabq.tasks.train import train
 
 from .conftest import TINY, compose_config, only_run, run_id_of
 
@@ -145,8 +145,8 @@ def test_a_failing_variant_keeps_the_others_and_names_itself(tmp_path):
 
     with mlflow.start_run(experiment_id=setup_mlflow(cfg.tracking)):
         with pytest.raises(ExportError, match="qat_int8"):
-            export_and_measure(cfg, tmp_path / "run", ["float", "qat_int8"], train_split=split, eval_split=split,
-                               float_model=model)
+            export_and_measure(RunSpec.from_config(cfg), tmp_path / "run", ["float", "qat_int8"], train_split=split,
+                               eval_split=split, float_model=model)
     assert (tmp_path / "run" / "tflite" / "float.tflite").is_file()
     assert not (tmp_path / "run" / "tflite" / "qat_int8.tflite").exists()
 

@@ -6,7 +6,7 @@ from mlflow.tracking import MlflowClient
 from deeplabq.config import ConfigError
 from deeplabq.data import DatasetError
 from deeplabq.export import op_histogram, xnnpack_partitions
-from deeplabq.training import train
+from deeplabq.tasks.train import train
 
 from .conftest import compose_config, only_run, run_id_of
 

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from deeplabq import tracking
 from deeplabq.evaluation import artifacts_in, interleaved_latency
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the project root
 RECIPES = {
     # stage name -> experiment preset; "float" must come first (ptq and qat_finetune start from its checkpoint)
     "camvid": {"float": "camvid_float", "ptq": "camvid_ptq", "qat_finetune": "camvid_qat_finetune",
