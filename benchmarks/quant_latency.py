@@ -30,6 +30,7 @@ import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
 from deeplabq import quantization as Q
+from deeplabq.quantization import conversion
 from deeplabq.evaluation import interleaved_latency
 from deeplabq.model import DeepLabSpec, ResizeBilinear, build_deeplab
 
@@ -147,7 +148,7 @@ def naive_ptq(model: keras.Model, calibration: np.ndarray) -> bytes:
     converter.representative_dataset = lambda: ([image[None]] for image in calibration)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = tf.uint8
-    return Q._convert(converter)
+    return conversion._convert(converter)
 
 
 def io_variants(model: keras.Model, qat: keras.Model, args) -> None:
@@ -164,7 +165,7 @@ def io_variants(model: keras.Model, qat: keras.Model, args) -> None:
     converter.experimental_lower_to_saved_model = False
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.inference_input_type = tf.uint8
-    files["u8 -> labels u8"] = Q._convert(converter)
+    files["u8 -> labels u8"] = conversion._convert(converter)
     print("\n  I/O variants (same QAT model):")
     for name, tflite in files.items():
         print(describe(name, tflite))

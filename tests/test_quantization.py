@@ -15,6 +15,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from deeplabq import quantization as Q
+from deeplabq.quantization import inspection, qat
 from deeplabq.model import DeepLabSpec, build_deeplab
 
 V3 = DeepLabSpec(num_classes=5, crop_size=(65, 65), depth_multiplier=0.5, output_stride=16)
@@ -116,7 +117,7 @@ def test_calibrated_ranges_replace_the_default_ones(quantized):
 def test_activation_ranges_follow_training_batches_with_a_warm_up(quantized_v3):
     """A training step moves an activation range by 1 - decay toward the batch range, decay warming up to 0.999."""
     _, qat_model, _, _ = quantized_v3
-    kinds = {type(q).__name__ for _, _, q in Q._activation_quantizer_slots(qat_model)}
+    kinds = {type(q).__name__ for _, _, q in qat._activation_quantizer_slots(qat_model)}
     assert kinds == {"RangeFollowingQuantizer", "AllValuesQuantizer"}  # the input keeps its pixel range
     assert not any("range_updates" in v.name for v in qat_model.weights)  # checkpoints keep tfmot's variables
     saved = qat_model.get_weights()
@@ -267,7 +268,7 @@ def test_layer_error_report_and_layers_kept_in_float():
     conv1 = [name for name in produced if "/Conv1/" in name]
     assert conv1 and all(produced[name] == "FLOAT32" for name in conv1)
     assert Q.op_histogram(kept)["DEQUANTIZE"] >= 2  # into each float island
-    assert {d["dtype"] for d in Q._interpreter(kept, 1).get_input_details()} == {np.uint8}
+    assert {d["dtype"] for d in inspection._interpreter(kept, 1).get_input_details()} == {np.uint8}
     labels = Q.run_tflite(kept, images(2, seed=4))
     assert np.mean(labels == np.argmax(model(images(2, seed=4), training=False), axis=-1)) > 0.85
     with pytest.raises(ValueError, match=r"export.int8_float_layers: no op of layer\(s\) \['Conv9'\]"):
