@@ -6,15 +6,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
 from deeplabq.data import (
     DatasetError,
+    FileReader,
     cached_pipeline,
     input_pipeline,
     open_split,
     postprocess_labels,
     preprocess_for_eval,
+    reader_names,
+    register_reader,
+    unregister_reader,
 )
 
 CONF_DIR = Path(__file__).parents[1] / "conf"
@@ -110,6 +115,62 @@ def test_cityscapes_label_ids_mapped_to_train_ids(tmp_path):
     data = open_split(dataset_cfg("dataset=cityscapes", f"dataset.root={tmp_path}"), "val")
     assert data.image_ids == ["aachen_000000_000019", "bremen_000001_000019"]
     np.testing.assert_array_equal(data.load(0)[1], block_label(4, 14, [0, 1, 13, 18, 255, 255, 255]))
+
+
+def dataset_yamls() -> dict[str, Path]:
+    """``name`` of each conf/dataset/*.yaml -> its file."""
+    return {str(OmegaConf.load(p)["name"]): p for p in sorted((CONF_DIR / "dataset").glob("*.yaml"))}
+
+
+@pytest.mark.parametrize("name", sorted(set(reader_names()) | set(dataset_yamls())))
+def test_each_reader_has_its_dataset_yaml_and_each_yaml_a_reader(name):
+    yamls = dataset_yamls()
+    assert name in yamls, f"reader {name!r} has no conf/dataset/{name}.yaml"
+    assert name in reader_names(), f"{yamls[name]} is dataset.name={name!r}, which no reader is registered under"
+    assert yamls[name].stem == name
+
+
+def test_unknown_name_lists_the_registered_readers():
+    with pytest.raises(DatasetError, match=r"dataset\.name='nope' has no reader; known: ") as err:
+        open_split(dataset_cfg("dataset.name=nope"), "train")
+    assert str(err.value).endswith(", ".join(reader_names()))
+
+
+@pytest.fixture
+def tiny_reader():
+    """A reader registered by the test: CamVid's layout, raw label 10 mapped to the ignore label by its LUT."""
+
+    @register_reader("tiny_test")
+    class Tiny(FileReader):
+        def files(self, root, split, dataset_cfg):
+            images = sorted((root / split).glob("*.png"))
+            return [p.stem for p in images], images, [root / f"{split}annot" / p.name for p in images]
+
+        def label_lut(self, dataset_cfg, ignore_label):
+            lut = np.arange(256, dtype=np.uint8)
+            lut[10] = ignore_label
+            return lut
+
+    try:
+        yield Tiny
+    finally:
+        unregister_reader("tiny_test")
+
+
+def test_registered_reader_is_found_by_open_split(tmp_path, tiny_reader):
+    make_camvid(tmp_path, n=2)
+    cfg = camvid_cfg(tmp_path, "dataset.name=tiny_test")
+    data = open_split(cfg, "train")
+    assert data.name == "tiny_test" and data.image_ids == ["img0", "img1"]
+    np.testing.assert_array_equal(data.load(0)[1], block_label(8, 10, (0, 3, 11, 11)))
+    with pytest.raises(ValueError, match="'tiny_test' is registered twice"):
+        register_reader("tiny_test")(tiny_reader)
+    unregister_reader("tiny_test")
+    try:
+        with pytest.raises(DatasetError, match="'tiny_test' has no reader"):
+            open_split(cfg, "train")
+    finally:
+        register_reader("tiny_test")(tiny_reader)  # the fixture unregisters it
 
 
 def make_folder(root: Path, classes=("sky", "ground", "thing")):
