@@ -6,6 +6,8 @@ import math
 import sys
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 # Errors that mean "your input is wrong": printed as one line, no traceback, exit status 2.
@@ -14,11 +16,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, L
 
 def _in_multirun() -> bool:
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         return HydraConfig.get().mode == RunMode.MULTIRUN
-    except (ImportError, ValueError):
+    except ValueError:
         return False
 
 

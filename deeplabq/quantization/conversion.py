@@ -6,6 +6,8 @@ error of the PTQ model measured by TFLite's QuantizationDebugger on LiteRT (:fun
 
 from __future__ import annotations
 
+import csv
+import io
 import warnings
 from collections.abc import Iterable
 
@@ -191,9 +193,6 @@ def int8_layer_errors(float_model: keras.Model, representative_images: Iterable,
     is that error in units of the output's quantization step: ~0.29 (1/sqrt(12)) is pure rounding; far
     above it means a clipped range or a poorly quantized kernel -- candidates for ``float_layers``.
     """
-    import csv
-    import io
-
     images = [np.asarray(image, np.float32) for image in representative_images]
     debug = [np.asarray(image, np.float32) for image in debug_images]
     converter = _ptq_converter(float_model, images, per_channel=per_channel, input_type="uint8", output="logits")
