@@ -184,21 +184,21 @@ def _read_envelope(value: str | None) -> dict | None:
 
 def runs_view_url(
     base_url: str, experiment_id: str, columns=None, *, view_id: str | None = None,
-    workflow_type: str = WORKFLOW_TYPE, mode: str | None = None,
+    workflow_type: str = WORKFLOW_TYPE, page_mode: str | None = None,
 ) -> str:
     """URL of the experiment's runs table showing ``columns`` (default: deploy metrics and swept params).
 
     The UI takes no column list from a URL, so the URL names the saved view that ``configure_experiment``
     wrote for the same columns (``viewStateShareKey``); sorting and filters come from that view too.
     ``workflowType`` makes the sidebar show the model-training navigation instead of the GenAI one.
-    ``mode``: ``CHART`` opens the chart view (a "deploy" section of bar charts first), ``TABLE`` is the default.
+    ``page_mode``: ``CHART`` opens the chart view (a "deploy" section of bar charts first), ``TABLE`` is the default.
     """
-    if mode is not None and mode not in RUNS_PAGE_MODES:
-        raise ValueError(f"mode must be one of {RUNS_PAGE_MODES}, got {mode!r}")
+    if page_mode is not None and page_mode not in RUNS_PAGE_MODES:
+        raise ValueError(f"page_mode must be one of {RUNS_PAGE_MODES}, got {page_mode!r}")
     view_id = view_id or view_id_for(columns)
     args = {"workflowType": workflow_type, "viewStateShareKey": view_id}
-    if mode is not None:
-        args["compareRunsMode"] = mode  # not a search facet: the view still applies
+    if page_mode is not None:
+        args["compareRunsMode"] = page_mode  # not a search facet: the view still applies
     return f"{experiment_url(base_url, experiment_id, tab='runs')}?{urlencode(args)}"
 
 

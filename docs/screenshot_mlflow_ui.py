@@ -156,7 +156,7 @@ def main() -> None:
                 screenshot(chromium, url, args.out_dir / name, window, budget_ms)
 
             shoot("mlflow_runs_table.png", mlflow_view.runs_view_url(base, experiment_id))
-            charts = mlflow_view.runs_view_url(base, experiment_id, mode="CHART")
+            charts = mlflow_view.runs_view_url(base, experiment_id, page_mode="CHART")
             shoot("mlflow_runs_charts.png", charts, budget_ms=3 * args.budget_ms)  # the plot library loads lazily
             if parent is None:
                 print("no sweep parent run (tag deeplabq.sweep = parent): no sweep or compare screenshots")

@@ -118,10 +118,10 @@ def test_runs_view_url_is_well_formed():
 
 
 def test_runs_view_url_chart_mode():
-    url = mv.runs_view_url("http://h", "7", mode="CHART")
+    url = mv.runs_view_url("http://h", "7", page_mode="CHART")
     assert parse_qs(urlsplit(url).fragment.partition("?")[2])["compareRunsMode"] == ["CHART"]
     with pytest.raises(ValueError, match="mode"):
-        mv.runs_view_url("http://h", "7", mode="chart")
+        mv.runs_view_url("http://h", "7", page_mode="chart")
 
 
 def test_page_urls():
