@@ -64,18 +64,6 @@ def test_before_the_delay_the_model_is_the_float_model_after_it_fake_quant_is_ac
     assert bns and all(layer.trainable for layer in bns)
 
 
-def test_qat_finetune_from_a_float_run(tmp_path, float_run):
-    cfg = compose_config(tmp_path, [*TINY, "quant=qat_finetune", f"quant.float_checkpoint={float_run}",
-                                    "train.steps=6"])
-    assert cfg.train.learning_rate == pytest.approx(3e-5) and cfg.quant.delay_steps == 0
-    metrics = train(cfg, tmp_path / "run")
-    run = only_run(tmp_path, status="FINISHED")
-    assert {"keras_float/miou", "qat_int8/miou", "qat_int8/size_bytes"} <= set(run.data.metrics)
-    assert metrics["deploy/delta_miou"] == pytest.approx(metrics["qat_int8/miou"] - metrics["keras_float/miou"])
-    assert metrics["qat_int8/agreement"] > 0.5
-    assert run.data.tags["deeplabq.float_checkpoint"].startswith("checkpoint")
-
-
 @pytest.mark.parametrize("scheme", ["int8", "dynamic_range", "float16"])
 def test_ptq_from_a_float_run(tmp_path, float_run, scheme):
     cfg = compose_config(tmp_path, [*TINY, "quant=ptq", f"quant.scheme={scheme}", "export.int8_float_worst_layers=2",

@@ -156,8 +156,12 @@ def test_delayed_qat(sandbox):
 def test_qat_finetune_from_the_main_run(sandbox):
     sandbox.run("python train.py quant=qat_finetune quant.float_checkpoint=<float run dir or MLflow run id>")
     run = sandbox.runs()[-1]
-    assert run.data.params["train.learning_rate"] == "3e-05"
-    assert {"deploy/miou", "deploy/delta_miou", "keras_float/miou"} <= set(run.data.metrics)
+    assert run.info.status == "FINISHED" and run.data.params["train.learning_rate"] == "3e-05"
+    assert run.data.tags["deeplabq.deploy_artifact"] == "qat_int8"
+    assert run.data.tags["deeplabq.float_checkpoint"].startswith("checkpoint")
+    m = run.data.metrics
+    assert m["deploy/delta_miou"] == pytest.approx(m["qat_int8/miou"] - m["keras_float/miou"])
+    assert m["qat_int8/agreement"] > 0.5
 
 
 def test_ptq_from_the_main_run(sandbox):
