@@ -2,12 +2,18 @@
 import deeplabq  # noqa: F401, I001
 
 import json
+import shutil
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
+import tf_keras as keras
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+
+from deeplabq.model import DeepLabSpec, build_deeplab
+from deeplabq.quantization import float_tflite
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
@@ -65,3 +71,53 @@ def only_run(tmp_path: Path, status: str | None = None):
 
 def run_id_of(output_dir: Path) -> str:
     return json.loads((output_dir / "mlflow_run.json").read_text())["run_id"]
+
+
+# A DeepLab that converts in about a second, for the synthetic dataset (5 classes) at TINY_DATASET's size.
+TINY_SPEC = DeepLabSpec(num_classes=5, crop_size=(33, 33), depth_multiplier=0.35, aspp_channels=16,
+                        decoder_channels=16)
+TINY_DATASET = ["dataset.image_size=[28,32]", "dataset.crop_size=[33,33]"]
+
+
+def tiny_images(count: int, seed: int = 0) -> list[np.ndarray]:
+    """``count`` random 33x33 RGB images, float 0..255 (integer values, as decoded pixels are)."""
+    rng = np.random.default_rng(seed)
+    return list(np.round(rng.uniform(0, 255, (count, 33, 33, 3))).astype(np.float32))
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A seeded random-weight TINY_SPEC model (shared: do not change its weights)."""
+    keras.utils.set_random_seed(0)
+    return build_deeplab(TINY_SPEC)
+
+
+@pytest.fixture(scope="session")
+def tiny_float_tflite(tiny_model) -> bytes:
+    """The float32 TFLite file of ``tiny_model`` (float 0..255 input, int32 labels out)."""
+    return float_tflite(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """A sqlite MLflow store with its tables created (which takes seconds), to copy per test."""
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, empty_mlflow_db) -> str:
+    """An empty sqlite store at tmp_path/mlflow.db (where compose_config points), made the tracking URI."""
+    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def start_test_run(tmp_path: Path):
+    """An active MLflow run in its own experiment, artifacts under tmp_path (not the Default experiment's)."""
+    experiment = MlflowClient().create_experiment("unit", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    return mlflow.start_run(experiment_id=experiment)
