@@ -204,15 +204,17 @@ class RunSpec:
     init: InitSpec | None = None
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> RunSpec:
+    def from_config(cls, cfg: DictConfig, *, training: bool = False) -> RunSpec:
+        """The specs of ``cfg``; ``train`` and ``init`` only for a training job (``training``), as other jobs'
+        configs may carry a partial ``train`` node (``smoke=tiny`` sets a few of its keys everywhere)."""
         try:
             model = spec_from_config(cfg)
         except (TypeError, ValueError) as error:
             raise ConfigError(str(error)) from error
         return cls(model=model, quant=QuantSpec.from_config(cfg), export=ExportSpec.from_config(cfg),
                    eval=EvalSpec.from_config(cfg), dataset=cfg.dataset,
-                   train=TrainSpec.from_config(cfg) if "train" in cfg else None,
-                   init=InitSpec.from_config(cfg) if "init" in cfg else None)
+                   train=TrainSpec.from_config(cfg) if training else None,
+                   init=InitSpec.from_config(cfg) if training else None)
 
     def validate(self) -> None:
         """Raise ConfigError for the first impossible value (before any data or model is touched)."""

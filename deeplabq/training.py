@@ -128,6 +128,25 @@ def _all_layers(model):
             yield inner
 
 
+NON_FINITE_LOSS, NON_FINITE_GRADIENT = "training loss", "gradient norm"
+
+
+class TrainingDivergedError(ValueError):
+    """The loss, a gradient or a weight became inf/NaN: a user error (learning rate too high), reported in one
+    line that names the last checkpoint with finite weights."""
+
+
+def _diverged(what: str, step: int, train: TrainSpec, manager) -> TrainingDivergedError:
+    last = manager.latest_checkpoint or "none (no checkpoint was written)"
+    return TrainingDivergedError(f"training diverged at step {step}: {what} is not finite; lower "
+                                 f"train.learning_rate (now {train.learning_rate}). Last checkpoint with finite "
+                                 f"weights: {last}")
+
+
+def _finite_weights(model: keras.Model) -> bool:
+    return all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in model.variables if v.dtype.is_floating)
+
+
 class Trainer:
     """Custom training loop over one model; a new Trainer takes over when delayed QAT switches models."""
 
@@ -155,7 +174,13 @@ class Trainer:
             regularization = self.weight_decay * tf.add_n([tf.nn.l2_loss(v) for v in kernels])
             total = loss + regularization
         variables = self.model.trainable_variables
-        self.optimizer.apply_gradients(zip(tape.gradient(total, variables), variables, strict=True))
+        gradients = tape.gradient(total, variables)
+        # The NaN guard, inside the compiled step: a non-finite loss or gradient stops training before the
+        # update, so the weights (and every checkpoint written from them) stay finite.
+        checks = [tf.debugging.check_numerics(total, NON_FINITE_LOSS),
+                  tf.debugging.check_numerics(tf.linalg.global_norm(gradients), NON_FINITE_GRADIENT)]
+        with tf.control_dependencies(checks):
+            self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
         return loss, total
 
     @property
@@ -240,6 +265,9 @@ def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, qua
         raise ValueError(f"freeze_bn_at={freeze_bn_at} is before quantize_at={quantize_at}")
     start_step, quantized, bn_frozen = 0, False, False
     latest = tf.train.latest_checkpoint(str(checkpoint_dir)) if train.resume else None
+    if train.resume and latest is None:
+        raise FileNotFoundError(f"resume=true, but {checkpoint_dir} has no checkpoint to resume from: set "
+                                f"hydra.run.dir to the folder of the run to continue")
     if latest:
         phase_file = checkpoint_dir / PHASE_FILE
         quantized = bool(json.loads(phase_file.read_text()).get("quantized")) if phase_file.exists() else False
@@ -273,16 +301,19 @@ def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, qua
             if step == freeze_bn_at:
                 mlflow.log_metric("batch_norm_frozen", 1.0, step=step)
         images, labels = next(batches)
-        loss, total = trainer.train_step(images, labels)
+        try:
+            loss, total = trainer.train_step(images, labels)
+        except tf.errors.InvalidArgumentError as error:
+            what = next((w for w in (NON_FINITE_LOSS, NON_FINITE_GRADIENT) if w in str(error)), None)
+            if what is None:
+                raise
+            raise _diverged(f"the {what}", step + 1, train, manager) from None
         window_images += int(images.shape[0])
         window_losses.append(loss)
         done = step + 1
         if done % int(train.log_every_steps) == 0 or done == total_steps:
             elapsed = time.perf_counter() - window_start
             loss_value = float(np.mean([float(v) for v in window_losses]))  # mean over the log window
-            if not np.isfinite(loss_value):
-                raise FloatingPointError(f"training loss became {loss_value} at step {done}; "
-                                         f"lower train.learning_rate (now {train.learning_rate})")
             tracking.log_metrics(
                 {
                     "loss": loss_value,
@@ -298,6 +329,8 @@ def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, qua
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             window_start, window_images, window_losses = time.perf_counter(), 0, []
         if done % int(train.checkpoint_every_steps) == 0 or done == total_steps:
+            if not _finite_weights(trainer.model):
+                raise _diverged("a weight", done, train, manager)
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             (checkpoint_dir / PHASE_FILE).write_text(json.dumps({"quantized": quantized}))
             _log_checkpoint(manager.save(checkpoint_number=done))

@@ -92,3 +92,34 @@ def test_impossible_config_value_fails_the_run(tmp_path, tiny_overrides):
     with pytest.raises(ConfigError, match="backbone.output_stride"):
         train(cfg, tmp_path / "run")
     only_run(tmp_path, status="FAILED")
+
+
+def test_divergence_stops_the_run_before_a_poisoned_checkpoint(tmp_path, tiny_overrides):
+    """Learning rate 1e6: the guard in the compiled step stops training as soon as the loss, a gradient or a
+    weight is inf/NaN; every checkpoint left on disk has finite weights, and the run is FAILED."""
+    import numpy as np
+    import tensorflow as tf
+
+    from deeplabq.training import TrainingDivergedError
+
+    cfg = compose_config(tmp_path, [*tiny_overrides, "train.learning_rate=1e6", "train.steps=60",
+                                    "train.checkpoint_every_steps=2", "train.log_every_steps=20"])
+    with pytest.raises(TrainingDivergedError, match=r"diverged at step \d+: .* is not finite; lower "
+                                                    r"train.learning_rate \(now 1000000"):
+        train(cfg, tmp_path / "run")
+    assert "diverged" in only_run(tmp_path, status="FAILED").data.tags["deeplabq.error"]
+    state = tf.train.get_checkpoint_state(str(tmp_path / "run" / "checkpoints"))
+    assert state and state.all_model_checkpoint_paths  # written before the divergence (ckpt-2 here)
+    for prefix in state.all_model_checkpoint_paths:
+        reader = tf.train.load_checkpoint(prefix)
+        for key in reader.get_variable_to_shape_map():
+            value = reader.get_tensor(key)
+            assert not np.issubdtype(np.asarray(value).dtype, np.floating) or np.isfinite(value).all(), (prefix, key)
+    assert not (tmp_path / "run" / "tflite").exists()
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path, tiny_overrides):
+    cfg = compose_config(tmp_path, [*tiny_overrides, "resume=true"])
+    with pytest.raises(FileNotFoundError, match="resume=true, but .* has no checkpoint"):
+        train(cfg, tmp_path / "mistyped_run_dir")
+    only_run(tmp_path, status="FAILED")

@@ -25,7 +25,7 @@ for _module in pkgutil.iter_modules(__path__):
 def validate_config(cfg: DictConfig) -> tuple[RunSpec, QuantMode]:
     """The run's typed spec and its quant mode, after the generic checks and the mode's own
     (ConfigError naming the key)."""
-    spec = RunSpec.from_config(cfg)
+    spec = RunSpec.from_config(cfg, training=True)
     mode = get(spec.quant.mode)
     spec.validate()
     mode.validate(spec)
