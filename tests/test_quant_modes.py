@@ -31,19 +31,6 @@ def _qat_wrapped(model) -> bool:
     return any(type(layer).__name__.startswith("QuantizeWrapper") for layer in model.layers)
 
 
-def test_delayed_qat_switches_fake_quantization_on_at_the_delay(tmp_path):
-    cfg = compose_config(tmp_path, [*TINY, "quant=qat_delayed", "quant.delay_steps=6"])
-    metrics = train(cfg, tmp_path / "run")
-    run = only_run(tmp_path, status="FINISHED")
-    started = MlflowClient().get_metric_history(run.info.run_id, "quantization_started")
-    assert [m.step for m in started] == [6]
-    for key in ("qat_int8/miou", "qat_int8/size_bytes", "qat_int8/latency_ms_t1", "qat_int8/agreement"):
-        assert key in run.data.metrics, key
-    assert metrics["deploy/miou"] == metrics["qat_int8/miou"] and "deploy/delta_miou" not in metrics
-    assert (tmp_path / "run" / "tflite" / "qat_int8.tflite").is_file()
-    assert run.info.run_name == "qat_delayed-d6-dm0.5-os16-synthetic"
-
-
 def test_before_the_delay_the_model_is_the_float_model_after_it_fake_quant_is_active(tmp_path, float_run):
     cfg = compose_config(tmp_path, TINY)
     float_model = build_deeplab(spec_from_config(cfg))

@@ -149,8 +149,15 @@ def test_overrides_of_backbone_stride_and_head(sandbox):
 def test_delayed_qat(sandbox):
     sandbox.run("python train.py quant=qat_delayed quant.delay_steps=200")
     run = sandbox.runs()[-1]
-    assert run.info.run_name == "qat_delayed-d200-dm0.5-os16-synthetic"
-    assert run.data.tags["deeplabq.deploy_artifact"] == "qat_int8" and "deploy/miou" in run.data.metrics
+    assert run.info.status == "FINISHED" and run.info.run_name == "qat_delayed-d200-dm0.5-os16-synthetic"
+    assert run.data.tags["deeplabq.deploy_artifact"] == "qat_int8" and run.data.tags["deeplabq.quant_delay"] == "200"
+    started = sandbox.client.get_metric_history(run.info.run_id, "quantization_started")
+    assert [m.step for m in started] == [200]  # fake quantization switched on at the delay, once
+    m = run.data.metrics
+    for key in ("qat_int8/miou", "qat_int8/size_bytes", "qat_int8/latency_ms_t1", "qat_int8/agreement"):
+        assert key in m, key
+    assert m["deploy/miou"] == m["qat_int8/miou"] and "deploy/delta_miou" not in m  # no float model survives
+    assert "tflite/qat_int8.tflite" in {a.path for a in sandbox.client.list_artifacts(run.info.run_id, "tflite")}
 
 
 def test_qat_finetune_from_the_main_run(sandbox):
