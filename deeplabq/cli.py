@@ -10,8 +10,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from deeplabq.errors import UserError
+
 # Errors that mean "your input is wrong": printed as one line, no traceback, exit status 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, LookupError, RuntimeError)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, LookupError, RuntimeError)
 
 
 def _in_multirun() -> bool:
