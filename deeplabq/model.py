@@ -238,7 +238,9 @@ def build_deeplab(spec: DeepLabSpec, name: str = "deeplab") -> keras.Model:
         branches.append(_separable_conv_bn_relu(features, spec.aspp_channels, f"aspp{i}", rate=rate))
     x = keras.layers.Concatenate(name="aspp_concat")(branches)
     x = _conv_bn_relu(x, spec.aspp_channels, "concat_projection")
-    x = keras.layers.Dropout(spec.dropout_rate, name="concat_projection_dropout")(x)
+    # force_generator: masks come from a tf.random.Generator, whose state the trainer checkpoints (not the
+    # model's weights), so a resumed run draws the masks the uninterrupted run would have.
+    x = keras.layers.Dropout(spec.dropout_rate, name="concat_projection_dropout", force_generator=True)(x)
 
     if spec.decoder_output_stride is not None:
         low = taps[DECODER_LOW_LEVEL_LAYER]

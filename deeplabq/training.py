@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
+from mlflow.tracking import MlflowClient
 
 from deeplabq import checkpoints as ckpt_lib
 from deeplabq import data as data_lib
@@ -187,8 +188,28 @@ class Trainer:
     def step(self) -> int:
         return int(self.optimizer.iterations.numpy())
 
-    def checkpoint(self) -> tf.train.Checkpoint:
-        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+    def checkpoint(self, with_rng: bool = True) -> tf.train.Checkpoint:
+        """Model, optimizer and (``with_rng``) the dropout masks' random generators: all a resume needs."""
+        if not with_rng:  # checkpoints written before the generators were saved
+            return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+        return tf.train.Checkpoint(model=self.model, optimizer=self.optimizer, rng=_dropout_generators(self.model))
+
+
+def _dropout_generators(model: keras.Model) -> list:
+    """The tf.random.Generator of every Dropout layer (keras keeps them out of the model's checkpoint)."""
+    return [layer._random_generator._generator for layer in _all_layers(model)
+            if isinstance(layer, keras.layers.Dropout) and getattr(layer._random_generator, "_generator", None)]
+
+
+def _has_rng(checkpoint_prefix: str) -> bool:
+    return any(name.startswith("rng/") for name, _ in tf.train.list_variables(checkpoint_prefix))
+
+
+def _logged_until(metric: str) -> int:
+    """The last step of ``metric`` the active MLflow run has (-1: none): a resumed run does not log it twice."""
+    run = mlflow.active_run()
+    history = MlflowClient().get_metric_history(run.info.run_id, metric) if run else []
+    return max((m.step for m in history), default=-1)
 
 
 def initialize_weights(model: keras.Model, init: InitSpec, train_batches=None) -> str:
@@ -256,10 +277,6 @@ def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, qua
     total_steps = int(train.steps)
     checkpoint_dir = output_dir / CHECKPOINT_DIR
     configure_batch_norm(model, bool(train.fine_tune_batch_norm), float(train.batch_norm_decay))
-    pipeline = data_lib.input_pipeline(
-        train_split, spec.dataset, training=True, batch_size=int(train.batch_size), seed=int(train.seed)
-    )
-    batches = data_lib.iterate(pipeline)
 
     if freeze_bn_at is not None and quantize_at is not None and freeze_bn_at < quantize_at:
         raise ValueError(f"freeze_bn_at={freeze_bn_at} is before quantize_at={quantize_at}")
@@ -276,7 +293,7 @@ def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, qua
                 raise ValueError(f"{latest} is a quantized checkpoint; resume it with its QAT quant mode")
             model = quantize_fn(model, None)
         trainer = Trainer(model, train, spec.dataset.ignore_label, 0)
-        trainer.checkpoint().restore(latest).assert_existing_objects_matched()
+        trainer.checkpoint(with_rng=_has_rng(latest)).restore(latest).assert_existing_objects_matched()
         start_step = trainer.step
         if quantized:
             set_range_updates(model, start_step - int(quantize_at))  # the range EMAs' warm-up continues
@@ -284,12 +301,20 @@ def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, qua
     else:
         trainer = Trainer(model, train, spec.dataset.ignore_label, 0)
     manager = tf.train.CheckpointManager(trainer.checkpoint(), str(checkpoint_dir), max_to_keep=2)
+    # The batch of step n is the n-th of one seeded stream: a resumed run skips the ones it has trained on.
+    # Calibration at the switch to QAT draws from a stream of its own, so it never shifts this one.
+    batches = data_lib.iterate(data_lib.input_pipeline(
+        train_split, spec.dataset, training=True, batch_size=int(train.batch_size), seed=int(train.seed),
+        start_batch=start_step))
+    calibration_batches = data_lib.iterate(data_lib.input_pipeline(
+        train_split, spec.dataset, training=True, batch_size=int(train.batch_size), seed=int(train.seed) + 2))
+    logged_until = _logged_until("loss") if latest else -1
 
     window_start, window_images, window_losses = time.perf_counter(), 0, []
     bar = progress(total=total_steps, initial=start_step, desc="train", unit="step")
     for step in range(start_step, total_steps):
         if quantize_at is not None and not quantized and step >= quantize_at:
-            model = quantize_fn(trainer.model, batches)
+            model = quantize_fn(trainer.model, calibration_batches)
             trainer = Trainer(model, train, spec.dataset.ignore_label, step)
             manager = tf.train.CheckpointManager(trainer.checkpoint(), str(checkpoint_dir), max_to_keep=2)
             quantized = True
@@ -311,7 +336,7 @@ def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, qua
         window_images += int(images.shape[0])
         window_losses.append(loss)
         done = step + 1
-        if done % int(train.log_every_steps) == 0 or done == total_steps:
+        if (done % int(train.log_every_steps) == 0 or done == total_steps) and done > logged_until:
             elapsed = time.perf_counter() - window_start
             loss_value = float(np.mean([float(v) for v in window_losses]))  # mean over the log window
             tracking.log_metrics(

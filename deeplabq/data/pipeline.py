@@ -45,10 +45,12 @@ def input_pipeline(
     batch_size: int,
     seed: int = 0,
     repeat: bool | None = None,
+    start_batch: int = 0,
 ) -> tf.data.Dataset:
     """Batches of (images float32 [B, crop_h, crop_w, 3] in 0..255, labels int32 [B, crop_h, crop_w]).
 
-    Training shuffles, augments and (by default) repeats forever, with full batches only. Evaluation is
+    Training shuffles, augments and (by default) repeats forever, with full batches only; the stream is a
+    function of ``seed`` alone, and ``start_batch`` starts it at that batch (a resumed run). Evaluation is
     deterministic: resize to range, pad bottom/right to the crop, one pass, last batch may be short.
     A file that fails to decode raises ``tf.errors.InvalidArgumentError`` whose message holds the
     ``DatasetError: ...`` text naming the file.
@@ -80,6 +82,10 @@ def input_pipeline(
     if repeat:
         ds = ds.repeat()
     ds = ds.enumerate()  # the n-th draw seeds its own augmentation
+    if start_batch:  # resume: the stream from batch ``start_batch`` on, skipped before any image is decoded
+        if not training:
+            raise ValueError("start_batch applies to training streams (full batches) only")
+        ds = ds.skip(int(start_batch) * batch_size)
     ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=training)
     return ds.prefetch(tf.data.AUTOTUNE)
