@@ -201,6 +201,12 @@ def _dropout_generators(model: keras.Model) -> list:
             if isinstance(layer, keras.layers.Dropout) and getattr(layer._random_generator, "_generator", None)]
 
 
+def _run_folders_with_checkpoints(parent: Path, limit: int = 5) -> list[Path]:
+    """The newest ``limit`` folders beside a run folder that hold a checkpoint (what ``resume`` may have meant)."""
+    found = [index.parent.parent for index in parent.glob(f"*/{CHECKPOINT_DIR}/checkpoint")]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)[:limit]
+
+
 def _has_rng(checkpoint_prefix: str) -> bool:
     return any(name.startswith("rng/") for name, _ in tf.train.list_variables(checkpoint_prefix))
 
@@ -283,8 +289,10 @@ def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, qua
     start_step, quantized, bn_frozen = 0, False, False
     latest = tf.train.latest_checkpoint(str(checkpoint_dir)) if train.resume else None
     if train.resume and latest is None:
+        nearby = _run_folders_with_checkpoints(output_dir.parent)
+        hint = ("; run folders with checkpoints next to it: " + ", ".join(str(p) for p in nearby)) if nearby else ""
         raise FileNotFoundError(f"resume=true, but {checkpoint_dir} has no checkpoint to resume from: set "
-                                f"hydra.run.dir to the folder of the run to continue")
+                                f"hydra.run.dir to the folder of the run to continue{hint}")
     if latest:
         phase_file = checkpoint_dir / PHASE_FILE
         quantized = bool(json.loads(phase_file.read_text()).get("quantized")) if phase_file.exists() else False

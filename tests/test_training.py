@@ -118,8 +118,10 @@ def test_divergence_stops_the_run_before_a_poisoned_checkpoint(tmp_path, tiny_ov
     assert not (tmp_path / "run" / "tflite").exists()
 
 
-def test_resume_without_a_checkpoint_is_refused(tmp_path, tiny_overrides):
+def test_resume_without_a_checkpoint_is_refused_naming_the_runs_beside_it(tmp_path, tiny_overrides):
+    (tmp_path / "a_real_run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "a_real_run" / "checkpoints" / "checkpoint").write_text('model_checkpoint_path: "ckpt-6"\n')
     cfg = compose_config(tmp_path, [*tiny_overrides, "resume=true"])
-    with pytest.raises(FileNotFoundError, match="resume=true, but .* has no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="resume=true, but .*mistyped.* has no checkpoint.* it: .*a_real_run"):
         train(cfg, tmp_path / "mistyped_run_dir")
     only_run(tmp_path, status="FAILED")
