@@ -78,6 +78,8 @@ def process_tags() -> dict[str, str]:
 def _process_alive(pid: int, start: str | None) -> bool:
     if start is not None:  # recorded where /proc exists: the PID must still be the same process
         return _process_start(pid) == start
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: cannot tell, so alive
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
