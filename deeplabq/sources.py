@@ -16,7 +16,7 @@ from deeplabq.model import DeepLabSpec, build_deeplab
 from deeplabq.quantization import quantize_model
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = tracking.CHECKPOINT_DIR
 PHASE_FILE = "phase.json"
 
 

@@ -119,7 +119,8 @@ class MlflowSweepCallback(Callback):
         client = MlflowClient()
         run = client.create_run(experiment_id, run_name=f"sweep {swept}"[:120], tags={
             "deeplabq.sweep": "parent", "deeplabq.task": "sweep",
-            "deeplabq.sweep_overrides": " ".join(f"{k}={v}" for k, (v, _) in overrides.items())})
+            "deeplabq.sweep_overrides": " ".join(f"{k}={v}" for k, (v, _) in overrides.items()),
+            **tracking.process_tags()})  # judged by this process (mark_dead_runs), not by its jobs
         client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, (v, _) in overrides.items()])
         self.parent_run_id, self.config = run.info.run_id, config
         os.environ[tracking.PARENT_ENV] = self.parent_run_id

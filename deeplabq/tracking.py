@@ -1,10 +1,12 @@
-"""MLflow tracking: one run per job, the resolved config as params, FAILED status on any error."""
+"""MLflow tracking: one run per job, the resolved config as params, FAILED status on any error, KILLED once
+its process is found gone (killed by SIGKILL or the OOM killer, which no ``finally`` survives)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -18,8 +20,12 @@ from deeplabq import mlflow_view
 
 PARENT_ENV = "DEEPLABQ_PARENT_RUN_ID"  # set by a sweep or compare.py: its jobs become child runs
 RUN_ID_FILE = "mlflow_run.json"  # in the job's output dir: lets `resume=true` continue the same run
+CHECKPOINT_DIR = "checkpoints"  # in the job's output dir: the tf.train checkpoints `resume=true` continues
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves
 MAX_PARAM_LENGTH = 6000
+# Which process a run belongs to (see process_tags), so that a later start can tell a dead run from a live one.
+HOST_TAG, PID_TAG, PID_START_TAG = "deeplabq.host", "deeplabq.pid", "deeplabq.pid_start"
+ERROR_TAG = "deeplabq.error"  # why a run is FAILED or KILLED
 
 
 class RunNotFoundError(ValueError):
@@ -45,7 +51,63 @@ def setup_mlflow(tracking_cfg) -> str:
             # Another job of a parallel sweep created it first.
             experiment_id = client.get_experiment_by_name(tracking_cfg.experiment_name).experiment_id
     mlflow_view.configure_experiment(client, experiment_id)
+    for line in mark_dead_runs(client, [experiment_id]):
+        print(f"deeplabq: {line}")
     return experiment_id
+
+
+def _process_start(pid: int) -> str | None:
+    """When a process started (clock ticks since boot, /proc/<pid>/stat field 22); None if it does not exist
+    or there is no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()[19]  # after "pid (comm) ": fields 3, 4, ...
+
+
+def process_tags() -> dict[str, str]:
+    """Host, PID and (on Linux) start time of this process: a run with them is judged by its own process."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    start = _process_start(os.getpid())
+    if start is not None:
+        tags[PID_START_TAG] = start
+    return tags
+
+
+def _process_alive(pid: int, start: str | None) -> bool:
+    if start is not None:  # recorded where /proc exists: the PID must still be the same process
+        return _process_start(pid) == start
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: cannot tell, so alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def mark_dead_runs(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
+    """Mark KILLED (tag ``deeplabq.error`` saying why) every RUNNING run of these experiments that was started on
+    this host by a process that is gone, or whose PID now belongs to a process started later; return a line
+    per run. Runs of other hosts, and runs without the tags of :func:`process_tags`, are left alone."""
+    host, lines = socket.gethostname(), []
+    for run in client.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=1000):
+        tags = run.data.tags
+        pid = tags.get(PID_TAG, "")
+        if tags.get(HOST_TAG) != host or not pid.isdigit() or int(pid) <= 0 or \
+                _process_alive(int(pid), tags.get(PID_START_TAG)):
+            continue
+        reason = f"process {pid} on {host} is gone"
+        try:
+            client.set_tag(run.info.run_id, ERROR_TAG, reason)
+            client.set_terminated(run.info.run_id, "KILLED")
+        except mlflow.exceptions.MlflowException:  # deleted meanwhile
+            continue
+        lines.append(f"run {run.info.run_name} ({run.info.run_id}) marked KILLED: {reason}")
+    return lines
 
 
 def ui_base_url(tracking_uri: str) -> str:
@@ -137,6 +199,7 @@ def run_tags(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, str
             "deeplabq.output_stride": str(cfg.backbone.output_stride),
         }
     )
+    tags.update(process_tags())
     parent = parent_run_id or os.environ.get(PARENT_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -165,6 +228,12 @@ def tracked_run(cfg: DictConfig, output_dir: Path, *, resume: bool = False, pare
     run_id = _existing_run_id(output_dir) if resume else None
     if run_id is not None:
         check_run_exists(run_id)
+        # this process's tags before the run is RUNNING again: another job's mark_dead_runs never sees the old PID
+        client = MlflowClient()
+        for key, value in process_tags().items():
+            client.set_tag(run_id, key, value)
+        if ERROR_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, ERROR_TAG)  # the interruption's: the run is live again
     fresh = run_id is None
     run = mlflow.start_run(
         run_id=run_id,
@@ -183,7 +252,7 @@ def tracked_run(cfg: DictConfig, output_dir: Path, *, resume: bool = False, pare
         yield run
     except BaseException as error:
         with contextlib.suppress(Exception):
-            mlflow.set_tag("deeplabq.error", f"{type(error).__name__}: {error}"[:5000])
+            mlflow.set_tag(ERROR_TAG, f"{type(error).__name__}: {error}"[:5000])
         mlflow.end_run(status="FAILED" if not isinstance(error, KeyboardInterrupt) else "KILLED")
         raise
     else:

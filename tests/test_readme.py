@@ -31,8 +31,8 @@ SMOKE = "smoke=tiny"
 SHARED = ROOT.parent / "shared"
 CAMVID = SHARED / "data" / "camvid"
 PASCAL = SHARED / "checkpoints" / "deeplabv3_mnv2_dm05_pascal"
-COPIED = ("conf", "deeplabq", "benchmarks", "train.py", "evaluate.py", "convert.py", "compare.py", "dev.sh",
-          "pyproject.toml", "README.md")
+COPIED = ("conf", "deeplabq", "benchmarks", "train.py", "evaluate.py", "convert.py", "compare.py", "runs.py",
+          "dev.sh", "pyproject.toml", "README.md")
 # Run by CI itself (.ci/run), not from inside the suite it starts.
 NOT_HERE = {"bash dev.sh test"}
 
@@ -287,6 +287,33 @@ def test_mlflow_ui_serves_the_store(sandbox):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_runs_marks_a_sigkilled_job_killed_and_prints_its_resume_command(sandbox):
+    folder = "outputs/killed"
+    job = subprocess.Popen(["bash", "-c", "source .venv/bin/activate && exec python train.py smoke=tiny "
+                            f"train.checkpoint_every_steps=10 hydra.run.dir={folder}"], cwd=sandbox.root,
+                           env=sandbox.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = sandbox.root / folder / "checkpoints" / "checkpoint"
+    deadline = time.monotonic() + 120
+    while not checkpoint.is_file() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job.send_signal(signal.SIGKILL)  # as the OOM killer would: no finally, no end_run
+    job.wait()
+    assert checkpoint.is_file()
+    (killed,) = [r for r in sandbox.runs() if r.info.status == "RUNNING"]
+    assert killed.data.tags["deeplabq.pid"] == str(job.pid)
+    done = sandbox.run("python runs.py", smoke=False)
+    lines = done.stdout.splitlines()
+    assert lines[0] == (f"run {killed.info.run_name} ({killed.info.run_id}) marked KILLED: process {job.pid} on "
+                        f"{killed.data.tags['deeplabq.host']} is gone")
+    (row,) = [line for line in lines if line.startswith(killed.info.run_name)]  # not the FINISHED main job's
+    host = killed.data.tags["deeplabq.host"]
+    assert row.split()[1] == "KILLED" and row.split()[-2:] == [f"{host}/{job.pid}", folder]
+    resume = f"python train.py smoke=tiny train.checkpoint_every_steps=10 resume=true hydra.run.dir={folder}"
+    assert f"    resume: {resume}" in lines
+    run = sandbox.client.get_run(killed.info.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["deeplabq.error"].startswith(f"process {job.pid} ")
 
 
 @needs(CAMVID)

@@ -156,7 +156,8 @@ def run_comparison(recipe: str, depth_multipliers: list[float], overrides: list[
         {"tracking_uri": tracking_uri, "experiment_name": "deeplabq", "artifact_location": str(ROOT / "mlartifacts")}))
     client = MlflowClient()
     parent = client.create_run(experiment_id, run_name=f"compare {recipe} dm{depth_multipliers}",
-                               tags={"deeplabq.sweep": "parent", "deeplabq.recipe": recipe})
+                               tags={"deeplabq.sweep": "parent", "deeplabq.recipe": recipe,
+                                     **tracking.process_tags()})
     env = {**os.environ, tracking.PARENT_ENV: parent.info.run_id}
     rows = []
     try:
