@@ -11,6 +11,7 @@ import pytest
 import tf_keras as keras
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from deeplabq.model import DeepLabSpec, build_deeplab
 from deeplabq.quantization import float_tflite
@@ -35,6 +36,33 @@ TINY = [
     "export.agreement_images=2",
     "export.ptq_variants=[]",
 ]
+
+
+def make_bad_folder_dataset(root: Path) -> dict[str, Path]:
+    """A ``folder`` dataset (3 classes, 255 ignored) of 24x32 pairs: two good ones in train; in val one good pair,
+    a truncated image, a label of the wrong size and a label holding class 7. Returns the bad files by fault."""
+    rng = np.random.default_rng(0)
+    label = np.broadcast_to(np.array([0, 1, 2, 255])[np.arange(32) * 4 // 32], (24, 32)).astype(np.uint8)
+    pairs = {"train": {"a": label, "b": label}, "val": {"good": label, "truncated": label, "wrong_size": label[:20],
+                                                         "out_of_range": np.where(label == 1, 7, label)}}
+    for split, stems in pairs.items():
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for stem, values in stems.items():
+            image = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / "images" / split / f"{stem}.jpg")
+            Image.fromarray(values.astype(np.uint8)).save(root / "labels" / split / f"{stem}.png")
+    truncated = root / "images" / "val" / "truncated.jpg"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size * 2 // 3])
+    return {"truncated": truncated, "wrong_size": root / "labels" / "val" / "wrong_size.png",
+            "out_of_range": root / "labels" / "val" / "out_of_range.png"}
+
+
+def tiny_folder_overrides(root: Path) -> list[str]:
+    """TINY on a ``folder`` dataset at ``root`` (3 classes, as ``make_bad_folder_dataset`` writes)."""
+    synthetic_only = ("dataset=", "dataset.splits.", "dataset.image_size=")
+    return [*(o for o in TINY if not o.startswith(synthetic_only)), "dataset=folder", f"dataset.root={root}",
+            "dataset.num_classes=3"]
 
 
 def compose_config(tmp_path: Path, overrides=(), config_name: str = "train", output: str = "run"):

@@ -6,7 +6,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import ROOT, TINY, only_run
+from .conftest import ROOT, TINY, make_bad_folder_dataset, only_run, tiny_folder_overrides
 
 TINY_EVAL = [o for o in TINY if not o.startswith("train.")]  # evaluate.py / convert.py have no train group
 
@@ -30,6 +30,17 @@ def test_impossible_value_exits_2_with_the_key_and_fails_the_run(tmp_path):
     assert "deeplabq: error: backbone.output_stride must be one of (8, 16, 32), got 12" in done.stderr
     assert "Traceback" not in done.stderr
     only_run(tmp_path, status="FAILED")
+
+
+def test_bad_dataset_files_are_all_named_in_one_error_before_training(tmp_path, mlflow_store):
+    bad = make_bad_folder_dataset(tmp_path / "data")
+    done = run_cli("train.py", tmp_path, *tiny_folder_overrides(tmp_path / "data"), expect=2)
+    lines = done.stderr.splitlines()
+    assert [line for line in lines if "deeplabq: error:" in line] == [lines[0]], done.stderr[-3000:]
+    assert lines[0].startswith(f"deeplabq: error: 3 bad files in folder val: first: {bad['out_of_range']}: ")
+    assert all(str(path) in done.stderr for path in bad.values()) and "Traceback" not in done.stderr
+    only_run(tmp_path, status="FAILED")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_unknown_config_key_is_refused(tmp_path):

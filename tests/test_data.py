@@ -13,6 +13,7 @@ from deeplabq.data import (
     DatasetError,
     FileReader,
     cached_pipeline,
+    check_files,
     input_pipeline,
     open_split,
     postprocess_labels,
@@ -21,6 +22,9 @@ from deeplabq.data import (
     register_reader,
     unregister_reader,
 )
+from deeplabq.errors import UserError
+
+from .conftest import compose_config, make_bad_folder_dataset, only_run, tiny_folder_overrides
 
 CONF_DIR = Path(__file__).parents[1] / "conf"
 
@@ -362,3 +366,48 @@ def test_classes_txt_mismatch_names_both(tmp_path):
 def test_unset_folder_root_names_key():
     with pytest.raises(DatasetError, match=r"dataset\.root must be set"):
         open_split(dataset_cfg("dataset=folder", "dataset.num_classes=3"), "train")
+
+
+# ------------------------------------------------------------------------------ checking every file upfront
+
+
+def test_check_files_names_every_bad_file_in_one_error(tmp_path):
+    bad = make_bad_folder_dataset(tmp_path)
+    cfg = dataset_cfg("dataset=folder", f"dataset.root={tmp_path}", "dataset.num_classes=3")
+    train, val = open_split(cfg, "train"), open_split(cfg, "val")
+    check_files(train)  # the good split passes
+    with pytest.raises(DatasetError) as err:
+        check_files(train, val, val)  # a split given twice is checked once
+    assert isinstance(err.value, UserError) and isinstance(err.value, ValueError)
+    first, *rest = str(err.value).splitlines()
+    # files in the split's (sorted) order: out_of_range, truncated, wrong_size
+    assert first.startswith(f"3 bad files in folder val: first: {bad['out_of_range']}: label has values [7] "
+                            "outside 0..2 that are not the ignore label 255"), first
+    assert len(rest) == 2
+    assert rest[0].startswith(f"  {bad['truncated']}: cannot be decoded as an image: "), rest[0]
+    assert rest[1] == (f"  {bad['wrong_size']}: label is 20x32 but its image {tmp_path}/images/val/wrong_size.jpg "
+                       "is 24x32 (height x width)")
+
+
+def test_check_files_lists_twenty_files_then_counts_the_rest(tmp_path):
+    make_camvid(tmp_path, n=23, labels=(0, 12))  # 12 is no CamVid class
+    make_camvid(tmp_path, split="val", n=1)
+    cfg = camvid_cfg(tmp_path)
+    message = str(pytest.raises(DatasetError, check_files, open_split(cfg, "train"), open_split(cfg, "val")).value)
+    lines = message.splitlines()
+    assert lines[0].startswith(f"23 bad files in camvid train: first: {tmp_path}/trainannot/img0.png: label has "
+                               "values [12]")
+    assert len(lines) == 21 and lines[-1] == "  ... and 3 more"
+    check_files(open_split(dataset_cfg(), "train"))  # synthetic: no files, nothing to check
+
+
+def test_train_stops_before_step_one_on_a_bad_eval_file(tmp_path, mlflow_store):
+    from deeplabq.tasks.train import train
+
+    bad = make_bad_folder_dataset(tmp_path / "data")
+    cfg = compose_config(tmp_path, tiny_folder_overrides(tmp_path / "data"))
+    with pytest.raises(DatasetError, match=r"^3 bad files in folder val: first: "):
+        train(cfg, tmp_path / "run")
+    run = only_run(tmp_path, status="FAILED")
+    assert all(str(path) in run.data.tags["deeplabq.error"] for path in bad.values())
+    assert "loss" not in run.data.metrics and not (tmp_path / "run" / "checkpoints").exists()

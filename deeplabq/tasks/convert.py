@@ -42,6 +42,8 @@ def convert(cfg: DictConfig, output_dir) -> dict[str, float]:
         if "int8" in cfg.variants:
             reporting.check_calibration_count(spec.quant, train_split)
         eval_split = data_lib.open_split(spec.dataset, spec.eval.split)
+        if cfg.get("check_data", True):
+            data_lib.check_files(train_split, eval_split)  # calibration and evaluation files
         model = sources.load_keras_model(spec.model, source)
         models = {"qat_model": model} if source.quantized else {"float_model": model}
         metrics = reporting.export_and_measure(spec, output_dir, list(cfg.variants), train_split=train_split,

@@ -49,6 +49,8 @@ def evaluate(cfg: DictConfig, output_dir) -> dict[str, float]:
         spec = RunSpec.from_config(cfg)
         spec.validate()
         split = data_lib.open_split(spec.dataset, spec.eval.split)
+        if cfg.get("check_data", True):
+            data_lib.check_files(split)
         if source.kind == "tflite":
             metrics, _ = tflite_metrics(source.path, kind, split, spec.eval, spec.dataset)
             metrics[f"{kind}/size_bytes"] = source.path.stat().st_size

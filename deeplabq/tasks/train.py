@@ -24,6 +24,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, float]:
         keras.utils.set_random_seed(int(spec.train.seed))
         train_split = data_lib.open_split(spec.dataset, spec.dataset.train_split)
         eval_split = data_lib.open_split(spec.dataset, spec.eval.split)
+        if cfg.get("check_data", True):  # every file, before step 1: a bad eval image must not waste the run
+            data_lib.check_files(train_split, eval_split)
         plan = mode.export_plan(spec)
         if "int8" in plan.variants:
             reporting.check_calibration_count(spec.quant, train_split)
