@@ -31,12 +31,13 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every stage")
     args = parser.parse_args()
     quiet_console(args.verbose)  # before TensorFlow loads
+    from deeplabq.errors import UserError
     from deeplabq.tasks.compare import default_out_dir, run_comparison
     try:
         out = args.out if args.out is not None else default_out_dir(args.recipe)
         table = run_comparison(args.recipe, args.depth_multipliers, args.overrides, out.resolve(),
                                args.tracking_uri, args.docs.resolve(), table_only=args.table_only)
-    except ValueError as error:
+    except UserError as error:
         sys.exit(f"compare: error: {error}")
     print(table)
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from deeplabq.errors import UserError
 
 # Errors that mean "your input is wrong": printed as one line, no traceback, exit status 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, ValueError, FileNotFoundError, LookupError, RuntimeError)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
 
 
 def _in_multirun() -> bool:

@@ -11,14 +11,11 @@ from dataclasses import MISSING, dataclass, fields
 
 from omegaconf import DictConfig, OmegaConf
 
+from deeplabq.errors import ConfigError
 from deeplabq.model import DeepLabSpec, spec_from_config
 
 PTQ_SCHEMES = ("dynamic_range", "float16", "int8")
 INIT_SOURCES = ("scratch", "keras_imagenet", "deeplab_checkpoint", "run")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and the value."""
 
 
 def require(condition: bool, message: str) -> None:

@@ -11,6 +11,7 @@ from ai_edge_litert.interpreter import Interpreter
 from deeplabq import data as data_lib
 from deeplabq.config import EvalSpec
 from deeplabq.console import native_output, progress
+from deeplabq.errors import UserError
 
 
 @dataclass
@@ -78,7 +79,7 @@ def evaluate_keras(model, split: data_lib.SegmentationSplit, dataset_cfg, *, bat
     return confusion
 
 
-class TFLiteError(ValueError):
+class TFLiteError(UserError, ValueError):
     """A file that LiteRT cannot load or run (not a TFLite flatbuffer, truncated, wrong input)."""
 
 

@@ -21,13 +21,14 @@ import tf_keras as keras
 from deeplabq import quantization
 from deeplabq.config import ExportSpec
 from deeplabq.console import CapturedOutput, native_output
+from deeplabq.errors import UserError
 from deeplabq.evaluation import TFLiteSegmenter
 from deeplabq.quantization import op_histogram, xnnpack_partitions  # noqa: F401  (re-exported)
 
 VARIANTS = ("float", "dynamic_range", "float16", "int8", "qat_int8")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """A variant that could not be converted or did not validate; names the variant and the reason."""
 
 

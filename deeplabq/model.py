@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import tensorflow as tf
 import tf_keras as keras
 
+from deeplabq.errors import ConfigError
+
 # (expansion, output channels at depth multiplier 1, stride) of MobileNetV2's 17 inverted-residual blocks.
 MOBILENET_V2_BLOCKS = (
     (1, 16, 1),
@@ -112,27 +114,27 @@ class DeepLabSpec:
     def validate(self) -> None:
         """Raise ValueError naming the config key of the first impossible value."""
         if self.depth_multiplier <= 0:
-            raise ValueError(f"backbone.depth_multiplier must be > 0, got {self.depth_multiplier}")
+            raise ConfigError(f"backbone.depth_multiplier must be > 0, got {self.depth_multiplier}")
         if self.output_stride not in VALID_OUTPUT_STRIDES:
-            raise ValueError(
+            raise ConfigError(
                 f"backbone.output_stride must be one of {VALID_OUTPUT_STRIDES}, got {self.output_stride}"
             )
         if self.num_classes < 2:
-            raise ValueError(f"dataset.num_classes must be >= 2, got {self.num_classes}")
+            raise ConfigError(f"dataset.num_classes must be >= 2, got {self.num_classes}")
         if len(self.crop_size) != 2 or min(self.crop_size) < self.output_stride:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset.crop_size {list(self.crop_size)} must be two sizes, each at least "
                 f"backbone.output_stride={self.output_stride}"
             )
         if self.decoder_output_stride is not None and self.decoder_output_stride != 4:
-            raise ValueError(
+            raise ConfigError(
                 f"head.decoder_output_stride must be 4 (MobileNetV2's stride-4 features) or null, "
                 f"got {self.decoder_output_stride}"
             )
         if self.divisible_by is not None and self.divisible_by not in (1, 8):
-            raise ValueError(f"backbone.divisible_by must be 1, 8 or null, got {self.divisible_by}")
+            raise ConfigError(f"backbone.divisible_by must be 1, 8 or null, got {self.divisible_by}")
         if any(r < 1 for r in self.atrous_rates):
-            raise ValueError(f"head.atrous_rates must be positive, got {list(self.atrous_rates)}")
+            raise ConfigError(f"head.atrous_rates must be positive, got {list(self.atrous_rates)}")
 
 
 def make_divisible(value: float, divisor: int, min_value: int | None = None) -> int:

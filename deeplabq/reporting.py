@@ -16,6 +16,7 @@ from deeplabq import data as data_lib
 from deeplabq import evaluation, export, figures, quantization, tracking
 from deeplabq.config import ExportSpec, QuantSpec, RunSpec
 from deeplabq.console import native_output, progress
+from deeplabq.errors import ConfigError
 from deeplabq.export import ExportPlan
 
 # Each variant must agree this well with the Keras model it came from, or it is not kept.
@@ -25,7 +26,7 @@ MIN_AGREEMENT = {"float": 0.99, "float16": 0.97}
 def check_calibration_count(quant: QuantSpec, train_split) -> None:
     """Fail before any work when int8 calibration asks for more train images than the split has."""
     if int(quant.calibration_samples) > len(train_split):
-        raise ValueError(f"quant.calibration_samples={quant.calibration_samples} is larger than the "
+        raise ConfigError(f"quant.calibration_samples={quant.calibration_samples} is larger than the "
                          f"'{train_split.split}' split ({len(train_split)} images)")
 
 

@@ -12,6 +12,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from deeplabq import checkpoints, tracking
+from deeplabq.errors import ConfigError, InputNotFoundError
 from deeplabq.model import DeepLabSpec, build_deeplab
 from deeplabq.quantization import quantize_model
 
@@ -72,19 +73,19 @@ def _enclosing_run_dir(file: Path) -> Path | None:
 def _run_dir_source(run_dir: Path, run_id: str | None) -> ModelSource:
     found = _checkpoint_in(run_dir / CHECKPOINT_DIR) or _checkpoint_in(run_dir)
     if found is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir} (looked in {run_dir / CHECKPOINT_DIR})")
+        raise InputNotFoundError(f"no checkpoint in {run_dir} (looked in {run_dir / CHECKPOINT_DIR})")
     return ModelSource("checkpoint", found[0], run_id or _run_id_of(run_dir), _run_config(run_dir), found[1])
 
 
 def resolve_source(source: str) -> ModelSource:
     """Interpret what the user gave as a model source; errors name the value."""
     if source is None or str(source) in ("", "???"):
-        raise ValueError("no model source given: set source=<.tflite file | run dir | checkpoint | MLflow run id>")
+        raise ConfigError("no model source given: set source=<.tflite file | run dir | checkpoint | MLflow run id>")
     text = str(source)
     path = Path(text)
     if text.endswith(".tflite"):
         if not path.is_file():
-            raise FileNotFoundError(f"TFLite file {path} does not exist")
+            raise InputNotFoundError(f"TFLite file {path} does not exist")
         run_dir = _enclosing_run_dir(path)
         if run_dir is None:
             return ModelSource("tflite", path)
@@ -97,7 +98,7 @@ def resolve_source(source: str) -> ModelSource:
     if RUN_ID.match(text):
         tracking.check_run_exists(text)
         return _run_dir_source(tracking.run_artifact_dir(text), text)
-    raise FileNotFoundError(f"model source '{text}' is not a .tflite file, a run directory, a checkpoint "
+    raise InputNotFoundError(f"model source '{text}' is not a .tflite file, a run directory, a checkpoint "
                             f"prefix or an MLflow run id")
 
 
@@ -125,10 +126,44 @@ def with_run_architecture(cfg: DictConfig, source: ModelSource, overrides: list[
     return merged
 
 
-def load_keras_model(model_spec: DeepLabSpec, source: ModelSource):
+def load_keras_model(model_spec: DeepLabSpec, source: ModelSource, key: str = "source"):
     """Build the model ``model_spec`` describes (QAT-wrapped if the checkpoint is) and restore its weights."""
     model = build_deeplab(model_spec)
     if source.quantized:
         model = quantize_model(model)
-    checkpoints.load_run_weights(model, source.path)
+    load_weights(model, source, key, model_spec)
     return model
+
+
+ARCHITECTURE_KEYS = {"dataset.num_classes": "num_classes", "backbone.depth_multiplier": "depth_multiplier",
+                     "backbone.output_stride": "output_stride", "head.decoder_output_stride": "decoder_output_stride"}
+
+
+def architecture_differences(source: ModelSource, model_spec: DeepLabSpec | None) -> str:
+    """``backbone.depth_multiplier=1.0 (this config: 0.5), ...``: where the source's run config and the model
+    differ, when the run config is known."""
+    if model_spec is None or source.run_config is None:
+        return ""
+    found = []
+    for key, field_name in ARCHITECTURE_KEYS.items():
+        theirs = OmegaConf.select(source.run_config, key, default=None)
+        ours = getattr(model_spec, field_name)
+        if theirs is not None and str(theirs) != str(ours) and not _same_number(theirs, ours):
+            found.append(f"{key}={theirs} (this config: {ours})")
+    return "its run has " + ", ".join(found) if found else ""
+
+
+def _same_number(a, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
+def load_weights(model, source: ModelSource, key: str, model_spec: DeepLabSpec | None = None) -> None:
+    """Restore ``source``'s checkpoint into ``model``; a mismatch names ``key`` (the config key that pointed at
+    the checkpoint) and the architecture values that differ."""
+    try:
+        checkpoints.load_run_weights(model, source.path)
+    except checkpoints.CheckpointMismatchError as error:
+        raise error.naming(f"{key}={source.describe()}", architecture_differences(source, model_spec)) from None

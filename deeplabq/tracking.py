@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import tempfile
+import traceback
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -17,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from deeplabq import mlflow_view
+from deeplabq.errors import SourceError, UserError
 
 PARENT_ENV = "DEEPLABQ_PARENT_RUN_ID"  # set by a sweep or compare.py: its jobs become child runs
 RUN_ID_FILE = "mlflow_run.json"  # in the job's output dir: lets `resume=true` continue the same run
@@ -28,7 +30,10 @@ HOST_TAG, PID_TAG, PID_START_TAG = "deeplabq.host", "deeplabq.pid", "deeplabq.pi
 ERROR_TAG = "deeplabq.error"  # why a run is FAILED or KILLED
 
 
-class RunNotFoundError(ValueError):
+ERROR_LOG = "error.log"  # the traceback of a run that failed on a bug (not a user error)
+
+
+class RunNotFoundError(UserError, ValueError):
     """An MLflow run id that the tracking store does not know."""
 
 
@@ -253,6 +258,8 @@ def tracked_run(cfg: DictConfig, output_dir: Path, *, resume: bool = False, pare
     except BaseException as error:
         with contextlib.suppress(Exception):
             mlflow.set_tag(ERROR_TAG, f"{type(error).__name__}: {error}"[:5000])
+            if isinstance(error, Exception) and not isinstance(error, UserError):  # a bug: keep its traceback
+                mlflow.log_text("".join(traceback.format_exception(error)), ERROR_LOG)
         mlflow.end_run(status="FAILED" if not isinstance(error, KeyboardInterrupt) else "KILLED")
         raise
     else:
@@ -276,5 +283,5 @@ def run_artifact_dir(run_id: str) -> Path:
     """Local directory of a run's artifacts (file-based artifact stores only)."""
     uri = MlflowClient().get_run(run_id).info.artifact_uri
     if not uri.startswith("file:"):
-        raise ValueError(f"run {run_id} stores artifacts at {uri}; only local file artifact stores are supported")
+        raise SourceError(f"run {run_id} stores artifacts at {uri}; only local file artifact stores are supported")
     return Path(unquote(urlparse(uri).path))

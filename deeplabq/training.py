@@ -19,8 +19,9 @@ from deeplabq import data as data_lib
 from deeplabq import tracking
 from deeplabq.config import InitSpec, RunSpec, TrainSpec
 from deeplabq.console import progress
+from deeplabq.errors import ConfigError, InputNotFoundError, SourceError, UserError
 from deeplabq.quantization import freeze_batch_norm, set_range_updates
-from deeplabq.sources import CHECKPOINT_DIR, PHASE_FILE, resolve_source
+from deeplabq.sources import CHECKPOINT_DIR, PHASE_FILE, load_weights, resolve_source
 
 
 def segmentation_loss(logits, labels, ignore_label: int):
@@ -132,7 +133,7 @@ def _all_layers(model):
 NON_FINITE_LOSS, NON_FINITE_GRADIENT = "training loss", "gradient norm"
 
 
-class TrainingDivergedError(ValueError):
+class TrainingDivergedError(UserError, ValueError):
     """The loss, a gradient or a weight became inf/NaN: a user error (learning rate too high), reported in one
     line that names the last checkpoint with finite weights."""
 
@@ -255,9 +256,9 @@ def _load_initial_weights(model: keras.Model, init: InitSpec) -> str:
     elif source == "run":
         source = resolve_source(str(init.path))
         if source.kind != "checkpoint" or source.quantized:
-            raise ValueError(f"init.path={init.path} must be a float checkpoint, got {source.describe()}")
-        ckpt_lib.load_run_weights(model, source.path)
-    return f"{source}:{init.path}"
+            raise SourceError(f"init.path={init.path} must be a float checkpoint, got {source.describe()}")
+        load_weights(model, source, "init.path")
+    return f"{init.source}:{init.path}"
 
 
 def _log_checkpoint(save_path: str) -> None:
@@ -291,14 +292,14 @@ def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, qua
     if train.resume and latest is None:
         nearby = _run_folders_with_checkpoints(output_dir.parent)
         hint = ("; run folders with checkpoints next to it: " + ", ".join(str(p) for p in nearby)) if nearby else ""
-        raise FileNotFoundError(f"resume=true, but {checkpoint_dir} has no checkpoint to resume from: set "
+        raise InputNotFoundError(f"resume=true, but {checkpoint_dir} has no checkpoint to resume from: set "
                                 f"hydra.run.dir to the folder of the run to continue{hint}")
     if latest:
         phase_file = checkpoint_dir / PHASE_FILE
         quantized = bool(json.loads(phase_file.read_text()).get("quantized")) if phase_file.exists() else False
         if quantized:
             if quantize_fn is None:
-                raise ValueError(f"{latest} is a quantized checkpoint; resume it with its QAT quant mode")
+                raise ConfigError(f"{latest} is a quantized checkpoint: resume it with its QAT quant mode (quant=...)")
             model = quantize_fn(model, None)
         trainer = Trainer(model, train, spec.dataset.ignore_label, 0)
         trainer.checkpoint(with_rng=_has_rng(latest)).restore(latest).assert_existing_objects_matched()

@@ -71,3 +71,29 @@ def test_a_sweep_with_failed_jobs_ends_with_its_parent_failed(tmp_path):
     assert parent.info.status == "FAILED" and parent.info.run_name == "sweep backbone.output_stride=12,7"
     assert sorted(c.info.status for c in children) == ["FAILED", "FAILED"]
     assert "a job FAILED" in done.stdout
+
+
+def test_only_user_errors_become_one_line_with_exit_2(tmp_path, capsys):
+    """run_task: a deeplabq UserError prints one line and exits 2; anything else is a bug and propagates
+    with its traceback (Hydra prints it and exits 1)."""
+    from omegaconf import OmegaConf
+
+    from deeplabq.cli import run_task
+    from deeplabq.errors import InputNotFoundError
+
+    cfg = OmegaConf.create({"paths": {"output_dir": str(tmp_path)}})
+
+    def missing_file(cfg, output_dir):
+        raise InputNotFoundError("TFLite file /no/such.tflite does not exist")
+
+    def bug(cfg, output_dir):
+        return {}["deploy/miou"]
+
+    with pytest.raises(SystemExit) as exited:
+        run_task(missing_file, cfg)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "deeplabq: error: TFLite file /no/such.tflite does not exist\n"
+    with pytest.raises(KeyError):
+        run_task(bug, cfg)
+    with pytest.raises(ValueError):  # a plain ValueError is a bug too, not a user error
+        run_task(lambda cfg, out: int("not a number"), cfg)

@@ -89,11 +89,16 @@ def test_qat_finetune_without_float_checkpoint_is_refused(tmp_path):
     only_run(tmp_path, status="FAILED")
 
 
-def test_ptq_of_a_checkpoint_from_another_architecture_lists_the_mismatch(tmp_path, float_run):
-    cfg = compose_config(tmp_path, [*TINY, "quant=ptq", "backbone=mnv2_dm100", f"quant.float_checkpoint={float_run}"])
-    with pytest.raises(CheckpointMismatchError, match="shape"):
+def test_ptq_of_a_checkpoint_from_another_architecture_names_the_key_and_what_differs(tmp_path, float_run):
+    store = f"sqlite:///{float_run.parent / 'mlflow.db'}"
+    cfg = compose_config(tmp_path, [*TINY, "quant=ptq", "backbone=mnv2_dm100", f"tracking.tracking_uri={store}",
+                                    f"quant.float_checkpoint={run_id_of(float_run)}"])
+    with pytest.raises(CheckpointMismatchError) as info:
         train(cfg, tmp_path / "run")
-    only_run(tmp_path, status="FAILED")
+    first, _, rest = str(info.value).partition("\n")
+    assert first.startswith("quant.float_checkpoint=checkpoint ") and run_id_of(float_run) in first
+    assert "its run has backbone.depth_multiplier=0.5 (this config: 1.0)" in first
+    assert "backbone.output_stride" not in first and "shape" in rest  # only what differs; the details follow
     assert not (tmp_path / "run" / "tflite").exists()
 
 

@@ -72,6 +72,20 @@ def test_failing_body_marks_the_run_failed_with_the_error(tmp_path, cfg):
     assert run.data.tags["deeplabq.error"] == "ValueError: boom"
 
 
+def test_a_bug_keeps_its_traceback_as_error_log_and_a_user_error_does_not(tmp_path, cfg):
+    from deeplabq.errors import ConfigError
+
+    with pytest.raises(KeyError), tracking.tracked_run(cfg, tmp_path / "bug"):
+        {}["missing_key"]
+    with pytest.raises(ConfigError), tracking.tracked_run(cfg, tmp_path / "user"):
+        raise ConfigError("train.steps must be > 0, got 0")
+    bug, user = (MlflowClient().get_run(run_id_of(tmp_path / name)) for name in ("bug", "user"))
+    assert bug.info.status == user.info.status == "FAILED"
+    log = (tracking.run_artifact_dir(bug.info.run_id) / tracking.ERROR_LOG).read_text()
+    assert log.startswith("Traceback (most recent call last):") and "KeyError: 'missing_key'" in log
+    assert not (tracking.run_artifact_dir(user.info.run_id) / tracking.ERROR_LOG).exists()
+
+
 def test_resume_continues_the_same_run_and_a_fresh_start_does_not(tmp_path, cfg):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError), tracking.tracked_run(cfg, out):

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 import tf_keras as keras
 
+from deeplabq.errors import UserError
+
 # keras.applications' MobileNetV2 block layer names (block 0 is expanded_conv), ours too.
 _BACKBONE_RE = re.compile(r"^(?:expanded_conv|block_(\d+))_(expand|depthwise|project)(_BN)?$")
 _MAX_LISTED = 40
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The weights at ``source`` do not fit the model. Nothing was assigned.
 
     ``missing``: names the model needs that the source lacks; ``unexpected``: names in the source the
@@ -53,6 +55,14 @@ class CheckpointMismatchError(ValueError):
         lines += [f"  hint: {h}" for h in self.hints]
         lines.append("Nothing was loaded; the model's weights are unchanged.")
         super().__init__("\n".join(lines))
+
+    def naming(self, key: str, differences: str = "") -> CheckpointMismatchError:
+        """This error, its first line naming the config key that pointed at the checkpoint and the config
+        values of the checkpoint's run that differ from this model's."""
+        first, _, rest = str(self).partition("\n")
+        first = f"{key}: {first.rstrip(':')}" + (f" ({differences})" if differences else "") + ":"
+        self.args = (f"{first}\n{rest}" if rest else first,)
+        return self
 
 
 def _listed(items: list[str], attribute: str) -> list[str]:

@@ -12,6 +12,7 @@ import numpy as np
 import tf_keras as keras
 
 from deeplabq.checkpoints.common import CheckpointMismatchError
+from deeplabq.errors import SourceError
 
 
 def _short_name(weight_name: str) -> str:
@@ -32,7 +33,7 @@ def _read_layered_h5(path: str) -> dict[str, dict[str, np.ndarray]]:
         if "layer_names" not in root.attrs and "model_weights" in root:
             root = root["model_weights"]  # a whole model saved with model.save("*.h5")
         if "layer_names" not in root.attrs:
-            raise ValueError(
+            raise SourceError(
                 f"{path} is not a Keras 2 / tf_keras HDF5 weights file (no 'layer_names'); expected e.g. "
                 "keras.applications' mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
             )

@@ -12,6 +12,7 @@ import tf_keras as keras
 
 from deeplabq.checkpoints.common import _BACKBONE_RE, LoadReport, _iter_layers
 from deeplabq.checkpoints.keras_h5 import _assign_by_layer_name, _read_layered_h5, _short_name, _weight_keys
+from deeplabq.errors import ConfigError, InputNotFoundError
 
 # Layers with weights that keras.applications.MobileNetV2 has and DeepLab does not use: the final 1x1 conv
 # to 1280 channels and its batch norm (``out_relu`` follows them but has no weights) and, in files with
@@ -32,7 +33,7 @@ def _keras_alpha(model: keras.Model) -> float:
     layer = model.get_layer("block_16_project")
     by_width = {round(320 * alpha): alpha for alpha in _KERAS_ALPHAS}
     if layer.filters not in by_width:
-        raise ValueError(
+        raise ConfigError(
             f"keras.applications has ImageNet weights for MobileNetV2 alpha in {list(_KERAS_ALPHAS)}; this "
             f"model's last block has {layer.filters} channels (320 x depth multiplier), which is none of them"
         )
@@ -64,7 +65,7 @@ def load_keras_imagenet_weights(
     if isinstance(source, str) and source == "imagenet":
         alpha = depth_multiplier if depth_multiplier is not None else _keras_alpha(model)
         if float(alpha) not in _KERAS_ALPHAS:
-            raise ValueError(f"keras.applications has no ImageNet MobileNetV2 weights for alpha={alpha}")
+            raise ConfigError(f"keras.applications has no ImageNet MobileNetV2 weights for alpha={alpha}")
         file_name = f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_224_no_top.h5"
         try:
             keras_model = keras.applications.MobileNetV2(
@@ -85,7 +86,7 @@ def load_keras_imagenet_weights(
     else:
         path = os.path.expanduser(os.fspath(source))
         if not os.path.isfile(path):
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"No Keras weights file at {path}; pass a keras.applications MobileNetV2 .h5 file (e.g. "
                 f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5) or 'imagenet'"
             )

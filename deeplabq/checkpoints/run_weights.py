@@ -15,6 +15,7 @@ import tf_keras as keras
 
 from deeplabq.checkpoints.common import CheckpointMismatchError, LoadReport, _iter_layers
 from deeplabq.checkpoints.keras_h5 import _assign_by_layer_name, _read_layered_h5, _short_name, _weight_keys
+from deeplabq.errors import InputNotFoundError
 
 _VALUE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 _NUMBER_SUFFIX = re.compile(r"_\d+(?=_|$)")
@@ -169,7 +170,7 @@ def load_run_weights(model: keras.Model, path: str | os.PathLike) -> LoadReport:
     path = os.path.expanduser(os.fspath(path))
     if path.endswith((".h5", ".hdf5")):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"No Keras weights file at {path}")
+            raise InputNotFoundError(f"No Keras weights file at {path}")
         if path.endswith(".weights.h5"):
             return _load_keras_v3_weights(model, path)
         layers = {layer.name: layer for layer in _iter_layers(model) if layer.weights}
@@ -182,12 +183,12 @@ def load_run_weights(model: keras.Model, path: str | os.PathLike) -> LoadReport:
         directory = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
         prefix = tf.train.latest_checkpoint(directory)
         if prefix is None:
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"No TF checkpoint in {directory} (expected the 'checkpoint' state file and ckpt-N.* files "
                 f"that deeplabq's trainer writes under <run_dir>/checkpoints/)"
             )
     elif not os.path.exists(prefix + ".index"):
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"No checkpoint at {path}: expected a run directory, a checkpoint directory, a prefix with a "
             f"'.index' file, or a .h5 / .weights.h5 Keras weights file"
         )

@@ -15,6 +15,7 @@ import tensorflow as tf  # deeplabq/__init__.py, run before this module, set TF_
 import tf_keras as keras
 
 from deeplabq.checkpoints.common import _BACKBONE_RE, CheckpointMismatchError, LoadReport, _iter_layers
+from deeplabq.errors import InputNotFoundError
 
 # Variables of official checkpoints that are not weights of the network: the step counter, optimizer state
 # (Adam's beta powers and slots, Momentum and RMSProp slots) and moving-average shadow copies.
@@ -157,12 +158,12 @@ def load_deeplab_tf1_checkpoint(
     if os.path.isdir(source):
         latest = tf.train.latest_checkpoint(source)
         if latest is None:
-            raise FileNotFoundError(f"No TF checkpoint (a 'checkpoint' state file) in directory {source}")
+            raise InputNotFoundError(f"No TF checkpoint (a 'checkpoint' state file) in directory {source}")
         source = latest
     try:
         reader = tf.train.load_checkpoint(source)
     except (tf.errors.NotFoundError, tf.errors.DataLossError, ValueError) as error:
-        raise FileNotFoundError(
+        raise InputNotFoundError(
             f"Cannot read a TF checkpoint at {source} (expected a prefix like .../model.ckpt-30000 with "
             f"its .index and .data-* files): {error}"
         ) from error

@@ -8,10 +8,11 @@ import itertools
 import mlflow
 import tensorflow as tf
 
-from deeplabq import checkpoints, quantization
+from deeplabq import quantization
 from deeplabq.config import RunSpec, require
+from deeplabq.errors import SourceError
 from deeplabq.quant_modes.base import TrainContext
-from deeplabq.sources import CHECKPOINT_DIR, resolve_source
+from deeplabq.sources import CHECKPOINT_DIR, load_weights, resolve_source
 from deeplabq.training import init_batches, initialize_weights
 
 CALIBRATION_BATCHES = 4  # train batches that set activation ranges before fake quantization starts
@@ -23,13 +24,14 @@ def require_float_checkpoint(spec: RunSpec) -> None:
             f"checkpoint prefix or MLflow run id> (train one with `python train.py quant=float`)")
 
 
-def load_float_checkpoint(model, float_checkpoint: str) -> str:
+def load_float_checkpoint(model, spec: RunSpec) -> str:
     """Load ``quant.float_checkpoint`` (a float run dir, checkpoint prefix or MLflow run id) into ``model``."""
+    float_checkpoint = spec.quant.float_checkpoint
     source = resolve_source(str(float_checkpoint))
     if source.kind != "checkpoint" or source.quantized:
-        raise ValueError(f"quant.float_checkpoint={float_checkpoint} is not a float checkpoint "
-                         f"({source.describe()})")
-    checkpoints.load_run_weights(model, source.path)
+        raise SourceError(f"quant.float_checkpoint={float_checkpoint} is not a float checkpoint "
+                          f"({source.describe()})")
+    load_weights(model, source, "quant.float_checkpoint", spec.model)
     mlflow.set_tag("deeplabq.float_checkpoint", source.describe())
     return source.describe()
 

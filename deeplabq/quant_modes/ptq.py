@@ -27,5 +27,5 @@ class PostTrainingQuantization(QuantMode):
                           float_reference="float/miou")
 
     def train(self, model, context):
-        load_float_checkpoint(model, context.spec.quant.float_checkpoint)
+        load_float_checkpoint(model, context.spec)
         return model, model

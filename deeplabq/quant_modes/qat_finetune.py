@@ -27,7 +27,7 @@ class QatFinetune(QuantMode):
         return ExportPlan(("qat_int8",), shipped="qat_int8", float_reference="keras_float/miou", qat=True)
 
     def train(self, model, context):
-        load_float_checkpoint(model, context.spec.quant.float_checkpoint)
+        load_float_checkpoint(model, context.spec)
         # Calibrate on the same augmented train pipeline the fine-tuning uses, then train with quantization on.
         qat = fit(model, context.spec, context.output_dir, context.train_split, quantize_at=0,
                   quantize_fn=start_quantization, freeze_bn_at=freeze_bn_step(context.spec, 0))

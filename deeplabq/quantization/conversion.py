@@ -17,6 +17,7 @@ import tf_keras as keras
 from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
 from tensorflow.lite.python import convert as _lite_convert
 
+from deeplabq.errors import ConfigError
 from deeplabq.model import native_dilated_convolutions
 from deeplabq.quantization.inspection import tensor_types
 from deeplabq.quantization.qat import prepare_for_int8
@@ -165,7 +166,7 @@ def _tensors_of_layers(tflite_bytes: bytes, layers: list[str]) -> list[str]:
             unknown.append(layer)
     if unknown:
         known = sorted({layer_of_tensor(name) for name in outputs})
-        raise ValueError(f"export.int8_float_layers: no op of layer(s) {unknown} in the int8 model; "
+        raise ConfigError(f"export.int8_float_layers: no op of layer(s) {unknown} in the int8 model; "
                          f"layers: {', '.join(known)}")
     return sorted(set(selected))
 

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from deeplabq import tracking
+from deeplabq.errors import ConfigError, InputNotFoundError, UserError
 from deeplabq.evaluation import artifacts_in, interleaved_latency
 
 ROOT = Path(__file__).resolve().parents[2]  # the project root
@@ -58,7 +59,7 @@ def run_stage(preset: str, backbone: str, run_dir: Path, overrides: list[str], e
     start = time.perf_counter()
     done = subprocess.run(command, env=env)
     if done.returncode != 0:  # the job printed why; the comparison stops with one line more
-        raise ValueError(f"stage {preset} failed (exit status {done.returncode}); its run folder is {run_dir}")
+        raise UserError(f"stage {preset} failed (exit status {done.returncode}); its run folder is {run_dir}")
     metrics = json.loads(metrics_file.read_text())
     metrics["wall_time_s"] = time.perf_counter() - start
     metrics_file.write_text(json.dumps(metrics, indent=1, sort_keys=True))
@@ -145,12 +146,12 @@ def run_comparison(recipe: str, depth_multipliers: list[float], overrides: list[
                    tracking_uri: str, docs_dir: Path, table_only: bool = False) -> str:
     """Run the recipe's stages (or, with ``table_only``, none: the table then has the finished ones)."""
     if recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
+        raise ConfigError(f"unknown recipe {recipe!r}; choose from {sorted(RECIPES)}")
     for dm in depth_multipliers:
         if dm not in BACKBONES:
-            raise ValueError(f"--depth-multipliers: {dm} has no backbone option; choose from {sorted(BACKBONES)}")
+            raise ConfigError(f"--depth-multipliers: {dm} has no backbone option; choose from {sorted(BACKBONES)}")
         if dm not in RECIPE_DEPTH_MULTIPLIERS.get(recipe, BACKBONES):
-            raise ValueError(f"--depth-multipliers: recipe {recipe!r} starts from a checkpoint of depth multiplier "
+            raise ConfigError(f"--depth-multipliers: recipe {recipe!r} starts from a checkpoint of depth multiplier "
                              f"{RECIPE_DEPTH_MULTIPLIERS[recipe]}, not {dm}")
     experiment_id = tracking.setup_mlflow(OmegaConf.create(
         {"tracking_uri": tracking_uri, "experiment_name": "deeplabq", "artifact_location": str(ROOT / "mlartifacts")}))
@@ -168,7 +169,7 @@ def run_comparison(recipe: str, depth_multipliers: list[float], overrides: list[
                 if table_only:
                     finished = stage_dirs[stage] / "metrics.json"
                     if stage == "float" and not finished.is_file():
-                        raise ValueError(f"--table-only: {finished} does not exist (the float stage is needed)")
+                        raise InputNotFoundError(f"--table-only: {finished} does not exist (the float stage is needed)")
                     if finished.is_file():
                         stage_metrics[stage] = json.loads(finished.read_text())
                     continue

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from deeplabq import data as data_lib
 from deeplabq import reporting, sources, tracking
 from deeplabq.config import RunSpec
+from deeplabq.errors import ConfigError, SourceError
 from deeplabq.export import VARIANTS
 
 
@@ -22,12 +23,12 @@ def convert(cfg: DictConfig, output_dir) -> dict[str, float]:
     tracking.setup_mlflow(cfg.tracking)  # a run id source is looked up in the configured store
     source = sources.resolve_source(cfg.source)
     if source.kind != "checkpoint":
-        raise ValueError(f"convert.py needs a checkpoint, run dir or run id, got {source.describe()}")
+        raise SourceError(f"convert.py needs a checkpoint, run dir or run id, got {source.describe()}")
     for variant in cfg.variants:
         if variant not in VARIANTS:
-            raise ValueError(f"variants: unknown TFLite variant {variant!r}; choose from {VARIANTS}")
+            raise ConfigError(f"variants: unknown TFLite variant {variant!r}; choose from {VARIANTS}")
         if (variant == "qat_int8") != source.quantized:
-            raise ValueError(f"variants: {variant!r} does not fit {source.describe()} "
+            raise ConfigError(f"variants: {variant!r} does not fit {source.describe()} "
                              f"({'a QAT' if source.quantized else 'a float'} checkpoint)")
     overrides = tracking.command_line_overrides()
     if cfg.use_run_config:
