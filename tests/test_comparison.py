@@ -15,7 +15,7 @@ def test_table_of_finished_stages_times_every_file_again(tmp_path):
     model = build_deeplab(DeepLabSpec(num_classes=3, crop_size=(33, 33), depth_multiplier=0.35))
     calibration = list(np.random.default_rng(0).uniform(0, 255, (2, 33, 33, 3)).astype(np.float32))
     out, docs, store = tmp_path / "compare", tmp_path / "docs", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    with pytest.raises(ValueError, match="--table-only: .*float/metrics.json does not exist"):
+    with pytest.raises(FileNotFoundError, match="--table-only: .*float/metrics.json does not exist"):
         run_comparison("camvid", [0.5], [], out, store, docs, table_only=True)
 
     float_file, int8_file = Q.float_tflite(model), Q.ptq_int8_tflite(model, calibration)
