@@ -18,9 +18,11 @@ from .conftest import TINY, TINY_ARCHITECTURE, TINY_DATASET, TINY_SPEC, compose_
 
 @pytest.fixture(scope="module")
 def tiny_qat_model(tiny_model):
-    """The QAT model of ``tiny_model``, its activation ranges calibrated (so not tfmot's initial ones)."""
+    """The QAT model of ``tiny_model``, its activation ranges calibrated (so not tfmot's initial ones) and its
+    batch norm frozen as after quant.freeze_bn_delay (the child's fresh model has it trainable)."""
     qat_model = Q.quantize_model(tiny_model)
     Q.calibrate_activation_ranges(qat_model, [np.stack(tiny_images(2, seed=3))])
+    assert Q.freeze_batch_norm(qat_model) > 0
     return qat_model
 
 
