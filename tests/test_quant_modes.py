@@ -76,8 +76,7 @@ def test_ptq_from_a_float_run(tmp_path, float_run, scheme):
 
 def test_an_unknown_float_layer_fails_the_int8_variant_only(tmp_path, float_run):
     cfg = compose_config(tmp_path, [*TINY, "quant=ptq", "quant.scheme=int8", f"quant.float_checkpoint={float_run}",
-                                    "export.int8_debug_images=0", "export.int8_float_layers=[Conv1,Conv9]",
-                                    "export.isolate_conversion=true"])
+                                    "export.int8_debug_images=0", "export.int8_float_layers=[Conv1,Conv9]"])
     with pytest.raises(ExportError, match=r"'int8' failed: .*int8_float_layers: no op of layer\(s\) \['Conv9'\]"):
         train(cfg, tmp_path / "run")
     only_run(tmp_path, status="FAILED")
