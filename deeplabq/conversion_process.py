@@ -90,8 +90,10 @@ def _segments(log: str) -> tuple[str, dict[str, str]]:
     """The log's lines before the first variant, and each variant's lines."""
     head, parts, current = [], {}, None
     for line in log.splitlines():
-        if line.startswith(MARK):
-            current = line[len(MARK):].strip()
+        if MARK in line:  # not always at the line's start: native code may leave a line unfinished
+            before, _, variant = line.partition(MARK)
+            (head if current is None else parts[current]).append(before)
+            current = variant.strip()
             parts[current] = []
         elif current is None:
             head.append(line)
