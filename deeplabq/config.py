@@ -131,6 +131,7 @@ class ExportSpec:
     int8_debug_images: int = 0
     int8_float_layers: tuple[str, ...] = ()
     int8_float_worst_layers: int = 0
+    isolate_conversion: bool = True  # convert in a child process: a native crash fails one variant, not the run
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ExportSpec:

@@ -99,22 +99,57 @@ def write_atomically(path: Path, content: bytes) -> None:
     os.replace(partial, path)
 
 
-def export_variant(model: keras.Model, variant: str, path: Path, *, check_images, export_cfg: ExportSpec,
-                   representative_images=None, min_agreement: float = 0.0, float_layers=()) -> ExportedModel:
-    """Convert, load, run and compare one variant, then write it. Raises ExportError naming the variant."""
+def conversion_failure(variant: str, error: BaseException, converter_tail: str = "", stage: str = "") -> ExportError:
+    """The ExportError of a variant whose conversion (or ``stage`` of it) raised ``error``; the converter's last
+    lines are quoted when there are any."""
+    said = f" (converter: {converter_tail})" if converter_tail else ""
+    return ExportError(f"TFLite variant '{variant}' failed: {stage}{type(error).__name__}: {error}{said}")
+
+
+def int8_layer_report(export_cfg: ExportSpec, float_model: keras.Model, representative_images) -> list[dict]:
+    """The PTQ int8 per-layer error report (QuantizationDebugger) on the first ``export.int8_debug_images``
+    calibration images, worst first."""
+    return quantization.int8_layer_errors(float_model, representative_images,
+                                          representative_images[: int(export_cfg.int8_debug_images)],
+                                          per_channel=bool(export_cfg.per_channel))
+
+
+def int8_float_layers_of(export_cfg: ExportSpec, report: list[dict] | None) -> list[str]:
+    """The layers the int8 file keeps in float: ``export.int8_float_layers`` plus the
+    ``export.int8_float_worst_layers`` worst others of the per-layer ``report`` (None: no report)."""
+    chosen = list(export_cfg.int8_float_layers)
+    if report is not None:
+        worst = [row["layer"] for row in report if row["layer"] not in chosen]
+        chosen += list(dict.fromkeys(worst))[: int(export_cfg.int8_float_worst_layers)]
+    return chosen
+
+
+def validate_and_write(tflite: bytes, model: keras.Model, variant: str, path: Path, *, check_images,
+                       min_agreement: float = 0.0) -> ExportedModel:
+    """Load and run a converted ``variant`` against its Keras ``model``, then write it. Raises ExportError."""
     native = CapturedOutput()
     try:
-        with native_output(native):  # the converter's own lines: kept off the console, quoted on failure
-            tflite = to_tflite(model, variant, output=export_cfg.output, input_type=export_cfg.input_type,
-                               per_channel=export_cfg.per_channel, representative_images=representative_images,
-                               float_layers=float_layers)
+        with native_output(native):  # LiteRT's own lines: kept off the console, quoted on failure
             agreement = pixel_agreement(tflite, model, check_images)
-    except Exception as error:  # noqa: BLE001  (any converter/runtime failure is reported per variant)
-        said = f" (converter: {native.tail(3)})" if native.tail(3) else ""
-        raise ExportError(f"TFLite variant '{variant}' failed: {type(error).__name__}: {error}{said}") from error
+    except Exception as error:  # noqa: BLE001  (any runtime failure is reported per variant)
+        raise conversion_failure(variant, error, native.tail(3)) from error
     if agreement < min_agreement:
         raise ExportError(f"TFLite variant '{variant}' agrees with its Keras model on only {agreement:.1%} "
                           f"of pixels (< {min_agreement:.0%})")
     write_atomically(path, tflite)
     return ExportedModel(variant, path, len(tflite), agreement, op_histogram(tflite), xnnpack_partitions(tflite))
 
+
+def export_variant(model: keras.Model, variant: str, path: Path, *, check_images, export_cfg: ExportSpec,
+                   representative_images=None, min_agreement: float = 0.0, float_layers=()) -> ExportedModel:
+    """Convert (in this process), load, run and compare one variant, then write it. Raises ExportError naming
+    the variant. ``deeplabq.conversion_process`` converts in a child process instead."""
+    native = CapturedOutput()
+    try:
+        with native_output(native):  # the converter's own lines: kept off the console, quoted on failure
+            tflite = to_tflite(model, variant, output=export_cfg.output, input_type=export_cfg.input_type,
+                               per_channel=export_cfg.per_channel, representative_images=representative_images,
+                               float_layers=float_layers)
+    except Exception as error:  # noqa: BLE001  (any converter failure is reported per variant)
+        raise conversion_failure(variant, error, native.tail(3)) from error
+    return validate_and_write(tflite, model, variant, path, check_images=check_images, min_agreement=min_agreement)

@@ -12,8 +12,8 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
+from deeplabq import conversion_process, evaluation, export, figures, tracking
 from deeplabq import data as data_lib
-from deeplabq import evaluation, export, figures, quantization, tracking
 from deeplabq.config import ExportSpec, QuantSpec, RunSpec
 from deeplabq.console import native_output, progress
 from deeplabq.errors import ConfigError
@@ -121,19 +121,31 @@ def export_and_measure(spec: RunSpec, output_dir: Path, variants: list[str], *, 
     representative = (calibration_images(spec.quant, spec.dataset, train_split, output_dir) if "int8" in variants
                       else None)
     tflite_dir = output_dir / "tflite"
+    sources = {variant: qat_model if variant == "qat_int8" else float_model for variant in variants}
+    converted = (convert_in_child(spec, sources, representative) if spec.export.isolate_conversion else {})
     metrics, failures = {}, []
     for variant in progress(variants, desc="export", unit="file"):
-        source = qat_model if variant == "qat_int8" else float_model
+        source = sources[variant]
+        path = tflite_dir / f"{variant}.tflite"
         try:
             if source is None:
                 raise export.ExportError(f"TFLite variant '{variant}' needs a "
                                          f"{'QAT' if variant == 'qat_int8' else 'float'} model")
-            float_layers = (int8_float_layers(spec.export, tflite_dir, source, representative) if variant == "int8"
-                            else [])
-            exported = export.export_variant(
-                source, variant, tflite_dir / f"{variant}.tflite", check_images=check_images,
-                export_cfg=spec.export, representative_images=representative,
-                min_agreement=MIN_AGREEMENT.get(variant, 0.0), float_layers=float_layers)
+            if variant in converted:  # converted in the child process: validated and written here
+                child = converted[variant]
+                float_layers = (record_int8_float_layers(spec.export, tflite_dir, child.layer_errors)
+                                if variant == "int8" else [])
+                if child.error is not None:
+                    raise export.ExportError(child.error)
+                exported = export.validate_and_write(child.tflite, source, variant, path, check_images=check_images,
+                                                     min_agreement=MIN_AGREEMENT.get(variant, 0.0))
+            else:
+                float_layers = (int8_float_layers(spec.export, tflite_dir, source, representative)
+                                if variant == "int8" else [])
+                exported = export.export_variant(
+                    source, variant, path, check_images=check_images, export_cfg=spec.export,
+                    representative_images=representative, min_agreement=MIN_AGREEMENT.get(variant, 0.0),
+                    float_layers=float_layers)
         except export.ExportError as error:
             print(f"error: {error}")
             mlflow.set_tag(f"deeplabq.export_error.{variant}", str(error)[:5000])
@@ -163,31 +175,44 @@ def export_and_measure(spec: RunSpec, output_dir: Path, variants: list[str], *, 
     return metrics
 
 
+def convert_in_child(spec: RunSpec, sources: dict, representative) -> dict:
+    """Every variant with a source model, converted in one child process (deeplabq.conversion_process): a
+    converter that crashes fails its variant only."""
+    variants = [variant for variant, source in sources.items() if source is not None]
+    if not variants:
+        return {}
+    models = {conversion_process.source_kind(variant): sources[variant] for variant in variants}
+    return conversion_process.convert_in_child(spec.model, models, variants, spec.export, representative)
+
+
 def int8_float_layers(export_spec: ExportSpec, tflite_dir: Path, float_model, representative) -> list[str]:
-    """The layers the PTQ int8 file keeps in float: ``export.int8_float_layers`` plus the
-    ``export.int8_float_worst_layers`` worst others of the per-layer error report, which is written first
-    when ``export.int8_debug_images`` > 0. Tags the run with them; a failing report fails the int8 variant."""
-    chosen = list(export_spec.int8_float_layers)
+    """The layers the PTQ int8 file keeps in float (converting in this process): ``export.int8_float_layers``
+    plus the ``export.int8_float_worst_layers`` worst others of the per-layer error report, which is run first
+    when ``export.int8_debug_images`` > 0. A failing report fails the int8 variant."""
+    report = None
     if int(export_spec.int8_debug_images) > 0:
         try:
-            rows = int8_error_report(export_spec, tflite_dir, float_model, representative)
+            with native_output():
+                report = export.int8_layer_report(export_spec, float_model, representative)
         except Exception as error:  # noqa: BLE001  (reported as the int8 variant's failure)
-            raise export.ExportError(f"TFLite variant 'int8' failed: per-layer error report: "
-                                     f"{type(error).__name__}: {error}") from error
-        worst = [row["layer"] for row in rows if row["layer"] not in chosen]
-        chosen += list(dict.fromkeys(worst))[: int(export_spec.int8_float_worst_layers)]
+            raise export.conversion_failure("int8", error, stage="per-layer error report: ") from error
+    return record_int8_float_layers(export_spec, tflite_dir, report)
+
+
+def record_int8_float_layers(export_spec: ExportSpec, tflite_dir: Path, report: list[dict] | None) -> list[str]:
+    """Write and log the per-layer error ``report`` (if it ran) as ``tflite/int8_layer_errors.csv``, tag the run
+    with the layers the int8 file keeps in float, and return them."""
+    if report is not None:
+        write_int8_error_report(tflite_dir, report)
+    chosen = export.int8_float_layers_of(export_spec, report)
     if chosen:
         mlflow.set_tag("deeplabq.int8_float_layers", ",".join(chosen))
     return chosen
 
 
-def int8_error_report(export_spec: ExportSpec, tflite_dir: Path, float_model, representative) -> list[dict]:
-    """Per-layer error of the PTQ int8 model (QuantizationDebugger) on the first ``export.int8_debug_images``
-    calibration images, written and logged as ``tflite/int8_layer_errors.csv``; the rows, worst first."""
-    with native_output():
-        rows = quantization.int8_layer_errors(float_model, representative,
-                                              representative[: int(export_spec.int8_debug_images)],
-                                              per_channel=bool(export_spec.per_channel))
+def write_int8_error_report(tflite_dir: Path, rows: list[dict]) -> None:
+    """The per-layer error of the PTQ int8 model (QuantizationDebugger), worst first, written and logged as
+    ``tflite/int8_layer_errors.csv``; its five worst layers are printed."""
     table = io.StringIO()
     writer = csv.DictWriter(table, ["layer", "op", "rmse/scale", "max_abs_error/scale", "scale", "tensor"])
     writer.writeheader()
@@ -197,7 +222,6 @@ def int8_error_report(export_spec: ExportSpec, tflite_dir: Path, float_model, re
     mlflow.log_artifact(str(report), artifact_path="tflite")
     print("int8 per-layer error, worst first (rmse/scale; 0.29 is rounding alone): "
           + ", ".join(f"{row['layer']} {row['rmse/scale']:.2f}" for row in rows[:5]))
-    return rows
 
 
 def summary_table(metrics: dict[str, float], threads: list[int]) -> str:

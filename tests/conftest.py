@@ -35,6 +35,7 @@ TINY = [
     "eval.latency_warmup=1",
     "export.agreement_images=2",
     "export.ptq_variants=[]",
+    "export.isolate_conversion=false",  # a conversion child costs seconds per run: tests that need it turn it on
 ]
 
 
@@ -105,6 +106,8 @@ def run_id_of(output_dir: Path) -> str:
 TINY_SPEC = DeepLabSpec(num_classes=5, crop_size=(33, 33), depth_multiplier=0.35, aspp_channels=16,
                         decoder_channels=16)
 TINY_DATASET = ["dataset.image_size=[28,32]", "dataset.crop_size=[33,33]"]
+# With TINY_DATASET: a config whose model is TINY_SPEC (the conversion process rebuilds the model from its spec).
+TINY_ARCHITECTURE = ["backbone.depth_multiplier=0.35", "head.aspp_channels=16", "head.decoder_channels=16"]
 
 
 def tiny_images(count: int, seed: int = 0) -> list[np.ndarray]:

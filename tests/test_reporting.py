@@ -90,6 +90,7 @@ def test_calibration_images_are_fixed_by_the_seed_listed_and_logged(tmp_path, ml
 
 def test_a_failing_variant_is_tagged_and_named_and_the_others_are_kept(tmp_path, mlflow_store, tiny_cfg,
                                                                      tiny_model):
+    """Converting in this process (TINY: export.isolate_conversion=false); test_conversion_process: in a child."""
     cfg, train = tiny_cfg
     spec = RunSpec.from_config(compose_config(tmp_path, [*TINY, *TINY_DATASET, "eval.max_images=1",
                                                          "eval.latency_threads=[1]"]))
