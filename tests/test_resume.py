@@ -11,6 +11,7 @@ import tensorflow as tf
 from mlflow.tracking import MlflowClient
 
 from deeplabq.tasks.train import train
+from deeplabq.tracking import setup_mlflow
 
 from .conftest import ROOT, TINY, compose_config, run_id_of
 
@@ -51,7 +52,10 @@ def test_a_killed_run_resumes_exactly_where_it_stopped(tmp_path):
     killed_at = _start_and_kill_after_a_checkpoint(tmp_path / "killed")
     assert killed_at < 30, "the process finished before it could be killed"
     run_id = run_id_of(tmp_path / "killed" / "run")
-    train(compose_config(tmp_path / "killed", [*TINY, *STEPS, "resume=true"]), tmp_path / "killed" / "run")
+    cfg = compose_config(tmp_path / "killed", [*TINY, *STEPS, "resume=true"])
+    setup_mlflow(cfg.tracking)  # what any next deeplabq start does: the dead process's run is marked KILLED
+    assert MlflowClient().get_run(run_id).info.status == "KILLED"
+    train(cfg, tmp_path / "killed" / "run")
 
     assert run_id_of(tmp_path / "killed" / "run") == run_id  # the same MLflow run, now FINISHED
     assert MlflowClient(f"sqlite:///{tmp_path / 'killed' / 'mlflow.db'}").get_run(run_id).info.status == "FINISHED"
