@@ -2,7 +2,7 @@
 # One entry for a fresh machine with Python 3.11: sets up .venv (once, again when pyproject.toml changes),
 # then runs what you ask.
 #   bash dev.sh train [hydra overrides...]   the main job (embedded synthetic dataset, float + TFLite variants)
-#   bash dev.sh test [pytest args...]        the test suite (pytest)
+#   bash dev.sh test [pytest args...]        the test suite (pytest, two workers; -n 0 for one process)
 #   bash dev.sh python|evaluate|convert|mlflow ...
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -23,7 +23,7 @@ case "$command" in
   train) exec .venv/bin/python train.py "$@" ;;
   evaluate) exec .venv/bin/python evaluate.py "$@" ;;
   convert) exec .venv/bin/python convert.py "$@" ;;
-  test) exec .venv/bin/python -m pytest -q "$@" ;;
+  test) exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@" ;;  # two workers, one file each at a time
   python) exec .venv/bin/python "$@" ;;
   mlflow) exec .venv/bin/mlflow "$@" ;;
   *) echo "usage: bash dev.sh train|test|evaluate|convert|python|mlflow [args...]" >&2; exit 2 ;;

@@ -152,3 +152,9 @@ def start_test_run(tmp_path: Path):
     """An active MLflow run in its own experiment, artifacts under tmp_path (not the Default experiment's)."""
     experiment = MlflowClient().create_experiment("unit", artifact_location=(tmp_path / "mlartifacts").as_uri())
     return mlflow.start_run(experiment_id=experiment)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The README's commands (the longest file, one sandbox) first: with two workers (``bash dev.sh test``
+    runs ``-n 2 --dist loadfile``), one worker runs them while the other runs every other file."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_readme.py")
