@@ -45,7 +45,7 @@ def test_a_sigkilled_job_is_marked_killed_listed_with_its_resume_command_and_res
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     env = {k: v for k, v in os.environ.items() if k != tracking.PARENT_ENV}
     job = subprocess.Popen([sys.executable, "-c", JOB, str(tmp_path / "config.yaml"), str(out)], cwd=ROOT, env=env,
-                           stdout=subprocess.PIPE, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert job.stdout.readline() == "started\n"
     finally:
