@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from deeplabq import checkpoints, tracking
 from deeplabq.errors import ConfigError, InputNotFoundError
 from deeplabq.model import DeepLabSpec, build_deeplab
+from deeplabq.model_registry import resolve_model_uri
 from deeplabq.quantization import quantize_model
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -98,8 +99,12 @@ def resolve_source(source: str) -> ModelSource:
     if RUN_ID.match(text):
         tracking.check_run_exists(text)
         return _run_dir_source(tracking.run_artifact_dir(text), text)
+    if text.startswith("models:/"):
+        tflite, run_id = resolve_model_uri(text)
+        config = _run_config(tracking.run_artifact_dir(run_id)) if run_id else None
+        return ModelSource("tflite", tflite, run_id, config)
     raise InputNotFoundError(f"model source '{text}' is not a .tflite file, a run directory, a checkpoint "
-                            f"prefix or an MLflow run id")
+                            f"prefix, an MLflow run id or a registered model (models:/<name>@<alias>)")
 
 
 RUN_GROUPS = ("backbone", "head", "dataset")

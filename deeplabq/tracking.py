@@ -193,6 +193,21 @@ def command_line_overrides() -> list[str]:
         return []
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimddp", "i8mm")
+
+
+def cpu_features() -> str:
+    """The CPU flags int8 and float latency depend on (XNNPACK's int8 is ~8x float with VNNI, ~1.3x without),
+    so every latency a run logs says which CPU it came from; "unknown" off Linux."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = set(" ".join(line.split(":", 1)[1] for line in text.splitlines()
+                         if line.startswith(("flags", "Features")) and ":" in line).split())
+    return ",".join(f for f in CPU_FLAGS if f in flags) or "none"
+
+
 def run_tags(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, str]:
     c = group_choices(cfg)
     tags = {f"deeplabq.{k}": v for k, v in c.items()}
@@ -202,6 +217,7 @@ def run_tags(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, str
             "deeplabq.quant_mode": str(cfg.quant.mode),
             "deeplabq.depth_multiplier": str(cfg.backbone.depth_multiplier),
             "deeplabq.output_stride": str(cfg.backbone.output_stride),
+            "deeplabq.cpu_features": cpu_features(),
         }
     )
     tags.update(process_tags())

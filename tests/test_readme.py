@@ -20,8 +20,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from .conftest import ROOT
 
@@ -32,7 +34,7 @@ SHARED = ROOT.parent / "shared"
 CAMVID = SHARED / "data" / "camvid"
 PASCAL = SHARED / "checkpoints" / "deeplabv3_mnv2_dm05_pascal"
 COPIED = ("conf", "deeplabq", "benchmarks", "train.py", "evaluate.py", "convert.py", "compare.py", "runs.py",
-          "dev.sh", "pyproject.toml", "README.md")
+          "register.py", "dev.sh", "pyproject.toml", "README.md")
 # Run by CI itself (.ci/run), not from inside the suite it starts.
 NOT_HERE = {"bash dev.sh test"}
 
@@ -259,6 +261,46 @@ def test_evaluate_a_run_id(sandbox):
     sandbox.run("python evaluate.py source=<MLflow run id> eval.split=val")
     run = sandbox.runs(deeplabq__task="evaluate")[-1]
     assert run.data.metrics["deploy/miou"] == pytest.approx(sandbox.main_run.data.metrics["keras/miou"])
+
+
+def test_register_the_shipped_file_then_evaluate_and_load_it_by_alias(sandbox):
+    main = sandbox.client.get_run(sandbox.main_run.info.run_id)
+    done = sandbox.run("python register.py <MLflow run id> --name deeplabq-synthetic --alias mobile", smoke=False)
+    assert "registered deeplabq-synthetic version 1: models:/deeplabq-synthetic@mobile" in done.stdout
+    version = sandbox.client.get_model_version_by_alias("deeplabq-synthetic", "mobile")
+    shipped = main.data.tags["deeplabq.deploy_artifact"]
+    assert version.tags["artifact"] == shipped and version.tags["source_run"] == main.info.run_id
+    assert float(version.tags["miou"]) == pytest.approx(main.data.metrics["deploy/miou"], abs=1e-4)
+    assert version.tags["quant_mode"] == "float"
+    assert version.tags["cpu_features"] == main.data.tags["deeplabq.cpu_features"]
+    after = sandbox.client.get_run(main.info.run_id).data  # the source run's record is untouched
+    assert (after.metrics, after.params, after.tags) == (main.data.metrics, main.data.params, main.data.tags)
+
+    sandbox.run("python evaluate.py source=models:/deeplabq-synthetic@mobile")
+    evaluated = sandbox.runs(deeplabq__task="evaluate")[-1]
+    assert evaluated.data.tags["mlflow.parentRunId"] == main.info.run_id
+    assert evaluated.data.metrics["deploy/miou"] == pytest.approx(main.data.metrics["deploy/miou"])
+
+    # The README's Python snippet, as written, in a fresh process, on a photo of another size than the model's.
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+                   if "pyfunc.load_model" in b)
+    photo = np.random.default_rng(3).integers(0, 256, (37, 90, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(sandbox.root / "photo.png")
+    python = str(sandbox.root / ".venv" / "bin" / "python")
+    done = subprocess.run([python, "-c", snippet + "\nprint(labels.shape, labels.max())"], cwd=sandbox.root,
+                          env=sandbox.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shape, top = done.stdout.strip().rsplit(") ", 1)
+    assert shape + ")" == "(37, 90)" and 0 <= int(top) < 5
+
+
+def test_an_unknown_registered_model_is_one_clear_error(sandbox):
+    wrong = subprocess.run(["bash", "-c", "source .venv/bin/activate && python evaluate.py "
+                            "source=models:/deeplabq-synthetic@nosuchalias smoke=tiny"],
+                           cwd=sandbox.root, env=sandbox.env, capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2, wrong.stderr[-2000:]
+    assert wrong.stderr.strip().splitlines()[-1].startswith("deeplabq: error: models:/deeplabq-synthetic@nosuchalias "
+                                                             "is not in the model registry")
 
 
 def test_convert_a_run_id_never_overwrites_it(sandbox):
