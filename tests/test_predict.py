@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from deeplabq import data as data_lib
@@ -10,7 +11,7 @@ from deeplabq.evaluation import TFLiteSegmenter
 from deeplabq.segmenter import Segmenter
 from deeplabq.tasks.predict import predict
 
-from .conftest import TINY_DATASET, compose_config
+from .conftest import TINY_ARCHITECTURE, TINY_DATASET, compose_config
 
 
 @pytest.fixture
@@ -82,3 +83,14 @@ def test_an_unreadable_image_is_skipped_and_counted(tmp_path, tflite_file, capsy
         predict(config(tmp_path, tflite_file), tmp_path / "run")
     assert "cannot read image" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "run" / "labels").iterdir()) == ["img0.png", "img1.png"]
+
+
+def test_a_checkpoint_source_segments_with_keras_as_its_tflite_file_does(tmp_path, tflite_file, tiny_model):
+    prefix = tf.train.Checkpoint(model=tiny_model).write(str(tmp_path / "ckpt" / "ckpt-1"))
+    cfg = config(tmp_path, tflite_file, *TINY_ARCHITECTURE)
+    keras_segmenter = Segmenter.from_source(prefix, cfg)
+    tflite_segmenter = Segmenter.from_source(str(tflite_file), cfg)
+    for image in images():
+        labels = keras_segmenter.segment(image)
+        assert labels.shape == image.shape[:2]
+        assert np.mean(labels == tflite_segmenter.segment(image)) > 0.99  # float conversion: argmax ties aside
