@@ -34,7 +34,7 @@ SHARED = ROOT.parent / "shared"
 CAMVID = SHARED / "data" / "camvid"
 PASCAL = SHARED / "checkpoints" / "deeplabv3_mnv2_dm05_pascal"
 COPIED = ("conf", "deeplabq", "benchmarks", "train.py", "evaluate.py", "convert.py", "compare.py", "runs.py",
-          "register.py", "dev.sh", "pyproject.toml", "README.md")
+          "register.py", "predict.py", "dev.sh", "pyproject.toml", "README.md")
 # Run by CI itself (.ci/run), not from inside the suite it starts.
 NOT_HERE = {"bash dev.sh test"}
 
@@ -301,6 +301,33 @@ def test_an_unknown_registered_model_is_one_clear_error(sandbox):
     assert wrong.returncode == 2, wrong.stderr[-2000:]
     assert wrong.stderr.strip().splitlines()[-1].startswith("deeplabq: error: models:/deeplabq-synthetic@nosuchalias "
                                                              "is not in the model registry")
+
+
+def test_predict_labels_a_folder_of_images(sandbox, tmp_path):
+    from deeplabq import data as data_lib
+    from deeplabq.segmenter import Segmenter
+
+    from .conftest import compose_config
+
+    cfg = compose_config(tmp_path, ["smoke=tiny"], config_name="predict")
+    split = data_lib.open_split(cfg.dataset, "val")
+    folder = sandbox.root / "my_images"
+    folder.mkdir()
+    images = {f"scene{i}": split.load(i)[0][: 40 + 8 * i, : 64 - 6 * i] for i in range(3)}  # three sizes
+    for stem, image in images.items():
+        Image.fromarray(image).save(folder / f"{stem}.png")
+    sandbox.filled["<folder of images>"] = "my_images"
+    done = sandbox.run("python predict.py source=outputs/synthetic/float/<time>/tflite/int8.tflite "
+                       "input=<folder of images>")
+    out = Path(re.search(r"3 label maps in (\S+) \(", done.stdout).group(1))
+    assert sorted(p.name for p in out.iterdir()) == [f"{stem}.png" for stem in images]
+    tflite = sandbox.root / "outputs" / "synthetic" / "float" / sandbox.filled["<time>"] / "tflite" / "int8.tflite"
+    segmenter = Segmenter.from_source(str(tflite), cfg)  # in-process: the same labels as the command wrote
+    for stem, image in images.items():
+        with Image.open(out / f"{stem}.png") as png:
+            assert png.mode == "P" and png.size == (image.shape[1], image.shape[0])
+            np.testing.assert_array_equal(np.asarray(png), segmenter.segment(image))
+    assert "images/s" in done.stdout
 
 
 def test_convert_a_run_id_never_overwrites_it(sandbox):
