@@ -132,6 +132,8 @@ class ExportSpec:
     int8_float_layers: tuple[str, ...] = ()
     int8_float_worst_layers: int = 0
     isolate_conversion: bool = True  # convert in a child process: a native crash fails one variant, not the run
+    int8_fold_input: bool = True  # integer files: input normalization folded into the uint8 input (no MUL/ADD)
+    int8_float_tail: bool = True  # integer files: resize of the logits and ArgMax in float (faster on XNNPACK)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ExportSpec:

@@ -83,7 +83,9 @@ def test_agreement_counts_the_pixels_that_differ(tiny_model, converted):
     """The int8 file of a random DeepLab flips some labels: the fraction is exactly the pixels that agree."""
     images, int8_logits = tiny_images(2), converted["int8", "logits"]
     agreement = export.pixel_agreement(int8_logits, tiny_model, images)
-    assert io_details(int8_logits)[0]["quantization"] == (1.0, 0)  # calibrated on 0..255: pixels as they are
+    # The input normalization folded into the input (deploy_graph): raw pixels in, the file says so.
+    assert io_details(int8_logits)[0]["quantization"] == (pytest.approx(1 / 127.5), 128)
+    assert Q.read_metadata(int8_logits) == {"input": "raw_pixels"}
     predicted = np.argmax(Q.run_tflite(int8_logits, np.stack(images)), axis=-1)
     expected = np.argmax(tiny_model(np.stack(images), training=False).numpy(), axis=-1)
     assert agreement == pytest.approx(np.mean(predicted == expected))
