@@ -184,9 +184,15 @@ def interleaved_latency(models: dict, num_threads: int, *, warmup: int = 3, runs
         (inp,) = interpreter.get_input_details()
         values = np.random.default_rng(7).integers(0, 256, inp["shape"])
         interpreter.set_tensor(inp["index"], (values - 128 if inp["dtype"] == np.int8 else values).astype(inp["dtype"]))
+        interpreters[name] = interpreter
+    return interleaved_invoke_ms(interpreters, warmup=warmup, runs=runs)
+
+
+def interleaved_invoke_ms(interpreters: dict, *, warmup: int, runs: int) -> dict:
+    """Median invoke time (ms) of each interpreter (inputs already set), invoked round-robin in one process."""
+    for interpreter in interpreters.values():
         for _ in range(warmup):
             interpreter.invoke()
-        interpreters[name] = interpreter
     times = {name: [] for name in interpreters}
     for _ in range(runs):
         for name, interpreter in interpreters.items():

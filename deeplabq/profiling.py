@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import time
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -28,6 +27,7 @@ from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter
 
 from deeplabq.console import native_output
+from deeplabq.evaluation import interleaved_invoke_ms
 from deeplabq.quantization.inspection import _delegation, _enum_names
 
 _OP_NAMES = _enum_names(schema.BuiltinOperator)
@@ -227,16 +227,7 @@ def profile_ops(tflite: bytes, *, threads: int = 2, runs: int = 30, warmup: int 
                      type_names[output.type]))
     interpreters["whole"] = _loaded(tflite, threads, rng=rng)
     interpreters["invoke"] = _loaded(_tiny_model(), threads, rng=rng)
-    for interpreter in interpreters.values():
-        for _ in range(warmup):
-            interpreter.invoke()
-    times = {key: [] for key in interpreters}
-    for _ in range(runs):
-        for key, interpreter in interpreters.items():
-            start = time.perf_counter()
-            interpreter.invoke()
-            times[key].append((time.perf_counter() - start) * 1000.0)
-    median = {key: float(np.median(values)) for key, values in times.items()}
+    median = interleaved_invoke_ms(interpreters, warmup=warmup, runs=runs)
     invoke_ms = median["invoke"]
     op_ms = {index: max(median[index] - invoke_ms, 0.0) for index, *_ in rows}
     total = sum(op_ms.values()) or 1.0
