@@ -166,6 +166,7 @@ class EvalSpec:
     latency_threads: tuple[int, ...] = (1,)
     latency_warmup: int = 2
     latency_runs: int = 10
+    profile_ops: bool = False  # evaluate.py on a TFLite file: also its per-op latency (deeplabq.profiling)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> EvalSpec:

@@ -242,12 +242,17 @@ def test_convert_keeping_the_worst_layers_float(sandbox):
 
 
 def test_evaluate_a_tflite_file_of_a_run(sandbox):
-    done = sandbox.run("python evaluate.py source=outputs/synthetic/float/<time>/tflite/int8.tflite")
+    done = sandbox.run("python evaluate.py source=outputs/synthetic/float/<time>/tflite/int8.tflite "
+                       "eval.profile_ops=true")
     run = sandbox.runs(deeplabq__task="evaluate")[-1]
     assert run.data.tags["mlflow.parentRunId"] == sandbox.main_run.info.run_id  # found from the file's folder
     # the same file on the same images (the run's config) scores what training measured
     assert run.data.metrics["deploy/miou"] == pytest.approx(sandbox.main_run.data.metrics["int8/miou"])
     assert "mIoU" in done.stdout
+    # the per-op profile: every op type of the file timed, the slowest printed, the table logged
+    assert {"int8/op_ms/CONV_2D", "int8/op_ms/ARG_MAX", "int8/op_ms/DEQUANTIZE"} <= set(run.data.metrics)
+    assert "by op type: " in done.stdout and "sum of ops" in done.stdout
+    assert "op_profile.csv" in [a.path for a in sandbox.client.list_artifacts(run.info.run_id)]
 
 
 def test_evaluate_a_run_folder(sandbox):
