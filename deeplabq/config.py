@@ -134,6 +134,7 @@ class ExportSpec:
     isolate_conversion: bool = True  # convert in a child process: a native crash fails one variant, not the run
     int8_fold_input: bool = True  # integer files: input normalization folded into the uint8 input (no MUL/ADD)
     int8_float_tail: bool = True  # integer files: resize of the logits and ArgMax in float (faster on XNNPACK)
+    float16_arithmetic: bool = False  # float16 file: XNNPACK may compute in fp16 (ARMv8.2+), not only store fp16
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ExportSpec:
