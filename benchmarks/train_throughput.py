@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import deeplabq  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+from deeplabq.tracking import cpu_features
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
@@ -105,6 +106,7 @@ def machine_description() -> list[tuple[str, str]]:
     return [
         ("nproc", f"{usable} (os.cpu_count {os.cpu_count()})"),
         ("cpu", cpu),
+        ("cpu features", cpu_features()),  # what int8 and bf16 speed depend on
         ("memory", mem),
         ("python", platform.python_version()),
         ("tensorflow", tf.__version__),
