@@ -256,6 +256,24 @@ def cpu_features() -> str:
     return ",".join(f for f in CPU_FLAGS if f in flags) or "none"
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags (name, git commit, branch, repo) of the job's entry point (``train.py`` ...) rather than of
+    the process running it: under joblib or submitit that is a worker whose ``sys.argv[0]`` is the launcher's own
+    file, outside the repository. Empty when not under Hydra (MLflow's own then stand)."""
+    from mlflow.utils import git_utils, mlflow_tags
+
+    try:
+        entry = Path(os.environ.get("DEEPLABQ_ROOT", "")) / f"{HydraConfig.get().job.name}.py"
+    except ValueError:
+        return {}
+    if not entry.is_file():
+        return {}
+    found = {mlflow_tags.MLFLOW_SOURCE_NAME: entry.name, mlflow_tags.MLFLOW_GIT_COMMIT: git_utils.get_git_commit(entry),
+             mlflow_tags.MLFLOW_GIT_BRANCH: git_utils.get_git_branch(entry),
+             mlflow_tags.MLFLOW_GIT_REPO_URL: git_utils.get_git_repo_url(entry)}
+    return {k: str(v) for k, v in found.items() if v is not None}
+
+
 def run_tags(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, str]:
     c = group_choices(cfg)
     tags = {f"deeplabq.{k}": v for k, v in c.items()}
@@ -269,6 +287,7 @@ def run_tags(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, str
         }
     )
     tags.update(process_tags())
+    tags.update(source_tags())
     parent = parent_run_id or os.environ.get(PARENT_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -374,9 +393,26 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
+def artifact_cache_dir() -> Path:
+    """Where the artifacts of runs on a tracking server are downloaded to: ``$XDG_CACHE_HOME/deeplabq/runs``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deeplabq" / "runs"
+
+
 def run_artifact_dir(run_id: str) -> Path:
-    """Local directory of a run's artifacts (file-based artifact stores only)."""
+    """Local directory of a run's artifacts: the store's own folder for a file store; for any other (a tracking
+    server's ``mlflow-artifacts:``, S3 ...) a download of all of them into :func:`artifact_cache_dir`, made once
+    (into a temp folder renamed when complete)."""
     uri = MlflowClient().get_run(run_id).info.artifact_uri
-    if not uri.startswith("file:"):
-        raise SourceError(f"run {run_id} stores artifacts at {uri}; only local file artifact stores are supported")
-    return Path(unquote(urlparse(uri).path))
+    if uri.startswith("file:"):
+        return Path(unquote(urlparse(uri).path))
+    cached = artifact_cache_dir() / run_id
+    if not cached.is_dir():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cached.parent, prefix=f".{run_id}-", ignore_cleanup_errors=True) as tmp:
+            with server_access(f"downloading the artifacts of run {run_id}"):
+                mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=tmp)
+            with contextlib.suppress(OSError):  # another process finished the same download first
+                Path(tmp).rename(cached)
+    if not cached.is_dir():
+        raise SourceError(f"could not download the artifacts of run {run_id} from {uri}")
+    return cached

@@ -25,7 +25,7 @@ import pytest
 from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
 
-from deeplabq import tracking
+from deeplabq import sources, tracking
 from deeplabq.server import ServerError, TrackingServer, free_port, postgres_bindir
 
 from .conftest import ROOT, TINY, compose_config
@@ -156,7 +156,7 @@ def check_downloads(client: MlflowClient, run, tmp_path: Path, output_dir: Path 
     return len(listed)
 
 
-def test_a_sweep_of_four_parallel_jobs_loses_no_run_and_every_artifact_downloads(server, tmp_path):
+def test_a_sweep_of_four_parallel_jobs_loses_no_run_and_every_artifact_downloads(server, tmp_path, monkeypatch):
     sweep_dir = tmp_path / "sweep"
     done = subprocess.run(train_command(server, "sweep4", "hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
                                         "seed=0,1,2,3", f"hydra.sweep.dir={sweep_dir}", multirun=True),
@@ -177,6 +177,13 @@ def test_a_sweep_of_four_parallel_jobs_loses_no_run_and_every_artifact_downloads
             output_dir = Path(child.data.params["paths.output_dir"])
             assert output_dir.parent == sweep_dir
             downloaded += check_downloads(client, child, tmp_path, output_dir)
+        # a run id is a model source on a client without file access: its artifacts are downloaded once
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        mlflow.set_tracking_uri(server.url)
+        source = sources.resolve_source(children[0].info.run_id)
+        assert source.kind == "checkpoint" and source.run_id == children[0].info.run_id
+        assert source.path.is_relative_to(tmp_path / "cache" / "deeplabq" / "runs" / children[0].info.run_id)
+        assert source.run_config.seed == int(children[0].data.params["seed"])
     print(f"\n4-job sweep against the server: {len(runs)} runs of 5 expected, {downloaded} artifacts downloaded")
     # the credentials are in no param, tag, config artifact or line printed
     for run in runs:
