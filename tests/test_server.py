@@ -206,6 +206,11 @@ def test_a_server_restart_in_the_middle_of_a_run(server, tmp_path):
         while not run_file.is_file() and job.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert run_file.is_file(), job.communicate()[1][-3000:]
+        run_id = json.loads(run_file.read_text())["run_id"]
+        with as_user("alice"):  # training has started: it logs a loss every 4 steps and a checkpoint every 6
+            while not MlflowClient(server.url).get_run(run_id).data.metrics and job.poll() is None:
+                time.sleep(0.5)
+        assert job.poll() is None
         server.stop_mlflow(signal.SIGKILL)
         down = time.monotonic()
         server.start_mlflow()
@@ -217,8 +222,11 @@ def test_a_server_restart_in_the_middle_of_a_run(server, tmp_path):
             job.wait()
     with as_user("alice"):
         client = MlflowClient(server.url)
-        run = client.get_run(json.loads(run_file.read_text())["run_id"])
-        print(f"job exit {job.returncode}, run {run.info.status}, error: {run.data.tags.get('deeplabq.error')}")
+        run = client.get_run(run_id)
+        # urllib3's warning for each request retried while the server was down (console or Hydra's job log)
+        retried = (stdout + stderr + (output_dir / "train.log").read_text()).count("Retrying (")
+        print(f"job exit {job.returncode}, run {run.info.status}, {retried} retried requests, "
+              f"error: {run.data.tags.get('deeplabq.error')}")
         if job.returncode == 0:
             assert run.info.status == "FINISHED"
             assert check_downloads(client, run, tmp_path, output_dir) >= 3
