@@ -391,9 +391,14 @@ def test_team_server_admin_snippet_and_a_run_against_it(sandbox, tmp_path):
     """`bash dev.sh server` as written; its port and folder come from the environment (MLFLOW_PORT,
     DEEPLABQ_SERVER_DIR), as a user may set them: a free port, and a folder that PostgreSQL's user may enter
     when the tests run as root (pytest's temp folders are private to root)."""
-    from deeplabq.server import free_port, postgres_bindir
+    from deeplabq.server import ServerError, free_port, postgres_bindir
 
-    postgres_bindir()  # PostgreSQL is installed (CI: .ci/run), or this says how to install it
+    try:
+        postgres_bindir()
+    except ServerError as error:  # CI installs it (.ci/run): there, its absence is a failure
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the team server: {error}")
+        pytest.skip(str(error))
     state = Path(tempfile.mkdtemp(prefix="deeplabq-readme-server-"))
     state.chmod(0o711)
     port = free_port()
