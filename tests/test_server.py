@@ -101,6 +101,15 @@ def test_an_unauthenticated_request_is_refused(server, tmp_path):
         tracking.setup_mlflow(cfg.tracking)
     assert "refused no credentials (set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD) (HTTP 401)" in \
         str(error.value)
+    # a sweep with a wrong password: one line before any job, exit status 2
+    env = {**job_env(None), "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "wrong"}
+    done = subprocess.run(train_command(server, "nobody", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                                        multirun=True), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"deeplabq: error: the tracking server {server.url} refused user 'alice' and MLFLOW_TRACKING_PASSWORD "
+        "(HTTP 401) while setting up experiment 'nobody'")
+    assert "Traceback" not in done.stderr and not (tmp_path / "sweep").exists()
 
 
 def test_credentials_in_the_tracking_uri_are_refused(tmp_path):
