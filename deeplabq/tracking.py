@@ -42,8 +42,9 @@ class TrackingAccessError(UserError, PermissionError):
     """The tracking server refused the credentials (HTTP 401) or this user may not do this (HTTP 403)."""
 
 
-class ArtifactStoreError(UserError, OSError):
-    """The tracking store does not hold an artifact as this run logged it (an upload cut short)."""
+class ArtifactStoreError(OSError):
+    """The tracking store does not hold an artifact as this run logged it (an upload cut short). Not a user error:
+    the run ends FAILED with its traceback (error.log) and the files in ``deeplabq.error``."""
 
 
 CREDENTIALS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
