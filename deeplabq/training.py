@@ -264,10 +264,10 @@ def _load_initial_weights(model: keras.Model, init: InitSpec) -> str:
 def _log_checkpoint(save_path: str) -> None:
     directory = Path(save_path).parent
     for file in directory.glob(Path(save_path).name + ".*"):
-        mlflow.log_artifact(str(file), artifact_path=CHECKPOINT_DIR)
-    mlflow.log_artifact(str(directory / "checkpoint"), artifact_path=CHECKPOINT_DIR)
+        tracking.log_artifact(file, CHECKPOINT_DIR)
+    tracking.log_artifact(directory / "checkpoint", CHECKPOINT_DIR)
     if (directory / PHASE_FILE).exists():
-        mlflow.log_artifact(str(directory / PHASE_FILE), artifact_path=CHECKPOINT_DIR)
+        tracking.log_artifact(directory / PHASE_FILE, CHECKPOINT_DIR)
 
 
 def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, quantize_at: int | None = None,
