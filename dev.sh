@@ -14,7 +14,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.deeplabq-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+# A linked .venv (a worktree's, or the README tests' copy of the repo) belongs to the checkout it links to:
+# installing from here would point its editable deeplabq at this folder.
+if [ ! -L .venv ] && { [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; }; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   .venv/bin/python -m pip install --quiet -e '.[test]'
   echo "$want" > "$stamp"
