@@ -38,7 +38,7 @@ def profile_file(path: Path, kind: str, split, spec: RunSpec, output_dir: Path) 
     profile = profiling.profile_ops(path.read_bytes(), threads=max(spec.eval.latency_threads),
                                     runs=spec.eval.latency_runs, warmup=spec.eval.latency_warmup, image=padded)
     profile.write_csv(output_dir / "op_profile.csv")
-    mlflow.log_artifact(str(output_dir / "op_profile.csv"))
+    tracking.log_artifact(output_dir / "op_profile.csv")
     print(f"{path.name}, {tracking.cpu_features()}: {profiling.format_profile(profile, top=10)}")
     return {f"{kind}/op_ms/{op}": ms for op, ms in profile.by("op").items()}
 
