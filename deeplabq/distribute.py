@@ -138,11 +138,13 @@ def snapshot(model: keras.Model | None) -> dict | None:
     if model is None:
         return None
     quantized = any(getattr(layer, "layer", None) is not None for layer in model.layers)
-    return {"quantized": quantized, "weights": {w.name: w.numpy() for w in model.weights}}
+    return {"quantized": quantized, "weights": [w.numpy() for w in model.weights]}
 
 
 def rebuild(saved: dict | None, model_spec) -> keras.Model | None:
-    """A plain float32 model (QAT if the snapshot's was) built outside any strategy, with the snapshot's weights."""
+    """A plain float32 model (QAT if the snapshot's was) built outside any strategy, with the snapshot's weights
+    (in the order of ``model.weights``, which freezing batch norm keeps; auto-named layers such as tfmot's
+    ``quantize_layer_<n>`` get other names in a second model of the same process)."""
     if saved is None:
         return None
     from deeplabq.model import build_deeplab
@@ -151,11 +153,10 @@ def rebuild(saved: dict | None, model_spec) -> keras.Model | None:
     model = build_deeplab(model_spec)
     if saved["quantized"]:
         model = quantize_model(model)
-    names = [w.name for w in model.weights]
-    missing = sorted(set(names) ^ set(saved["weights"]))
-    if missing or len(set(names)) != len(names):
-        raise ValueError(f"the trained model's weights do not match a rebuilt one: {missing[:5]}")
-    model.set_weights([saved["weights"][name] for name in names])
+    shapes = [tuple(w.shape) for w in model.weights]
+    if shapes != [value.shape for value in saved["weights"]]:
+        raise ValueError("the trained model's weights do not fit a model rebuilt from its spec")
+    model.set_weights(saved["weights"])
     return model
 
 
