@@ -64,11 +64,22 @@ def is_chief() -> bool:
     return True
 
 
+_MADE: dict[str, tf.distribute.Strategy] = {}
+
+
 def make_strategy(name: str) -> tf.distribute.Strategy | None:
-    """The strategy of ``train.strategy`` (None for ``default``). ``multi_worker`` must be created before any
-    TensorFlow op runs in the process (its collectives are configured at start-up)."""
+    """The strategy of ``train.strategy`` (None for ``default``), one per process: the jobs of a sweep run in one
+    process share it (a second strategy over the same devices would reuse its collective keys, and
+    ``multi_worker`` can only be created before any TensorFlow op runs, as its collectives are configured at
+    start-up)."""
     if name == "default":
         return None
+    if name not in _MADE:
+        _MADE[name] = _new_strategy(name)
+    return _MADE[name]
+
+
+def _new_strategy(name: str) -> tf.distribute.Strategy:
     if name == "mirrored":
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
