@@ -15,6 +15,8 @@ from deeplabq.errors import ConfigError
 from deeplabq.model import DeepLabSpec, spec_from_config
 
 PTQ_SCHEMES = ("dynamic_range", "float16", "int8")
+STRATEGIES = ("default", "mirrored", "multi_worker")  # train.strategy (deeplabq.distribute)
+MIXED_PRECISION = ("mixed_float16", "mixed_bfloat16")  # train.mixed_precision, besides null
 INIT_SOURCES = ("scratch", "keras_imagenet", "deeplab_checkpoint", "run")
 
 
@@ -50,6 +52,9 @@ class TrainSpec:
     batch_norm_decay: float
     log_every_steps: int
     checkpoint_every_steps: int
+    strategy: str = "default"
+    sync_batch_norm: bool = True
+    mixed_precision: str | None = None
     seed: int = 0
     resume: bool = False
 
@@ -68,6 +73,9 @@ class TrainSpec:
         require(float(self.weight_decay) >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         for key in ("log_every_steps", "checkpoint_every_steps"):
             require(int(getattr(self, key)) > 0, f"train.{key} must be > 0, got {getattr(self, key)}")
+        require(self.strategy in STRATEGIES, f"train.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        require(self.mixed_precision is None or self.mixed_precision in MIXED_PRECISION,
+                f"train.mixed_precision must be null or one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
 
 
 @dataclass(frozen=True)

@@ -61,20 +61,24 @@ class Sandbox:
         # a user's shell: none of the variables deeplabq, MLflow or pytest set in this process
         self.env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEPLABQ_", "MLFLOW_", "PYTEST_"))}
 
-    def run(self, command: str, *, smoke: bool = True, expect: int = 0, timeout: int = 900, env=None):
+    def fill(self, command: str) -> str:
         typed = command
         for placeholder, value in self.filled.items():
             typed = typed.replace(placeholder, value)
         assert "<" not in typed, f"unfilled placeholder in {typed}"
-        line = f"source .venv/bin/activate && {typed}" + (f" {SMOKE}" if smoke else "")
+        return typed
+
+    def run(self, command: str, *, smoke: bool = True, expect: int = 0, timeout: int = 900, env=None):
+        line = f"source .venv/bin/activate && {self.fill(command)}" + (f" {SMOKE}" if smoke else "")
         done = subprocess.run(["bash", "-c", line], cwd=self.root, env={**self.env, **(env or {})},
                               capture_output=True, text=True, timeout=timeout)
         assert done.returncode == expect, f"{line}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done
 
-    def start(self, command: str, env=None, stdout=subprocess.DEVNULL) -> subprocess.Popen:
-        """A long-running command (a server), in its own process group."""
-        return subprocess.Popen(["bash", "-c", f"source .venv/bin/activate && exec {command}"], cwd=self.root,
+    def start(self, command: str, *, smoke: bool = False, env=None, stdout=subprocess.DEVNULL) -> subprocess.Popen:
+        """A long-running command (a server, a background worker), in its own process group."""
+        line = f"source .venv/bin/activate && {self.fill(command)}" + (f" {SMOKE}" if smoke else "")
+        return subprocess.Popen(["bash", "-c", line], cwd=self.root,
                                 env={**self.env, **(env or {})}, stdout=stdout, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
@@ -458,6 +462,48 @@ def test_slurm_sweep_in_local_mode(sandbox):
     assert sweep.info.run_name == "sweep quant.delay_steps=0,100"
     (folder,) = [p for p in (sandbox.root / "multirun" / "synthetic").iterdir() if (p / ".submitit").is_dir()]
     assert len([p for p in (folder / ".submitit").iterdir() if p.name != "%j"]) == 2  # a submitit job per run
+
+
+def test_mirrored_training(sandbox):
+    sandbox.run("python train.py train.strategy=mirrored")
+    run = sandbox.runs()[-1]
+    assert run.info.status == "FINISHED" and run.data.params["train.strategy"] == "mirrored"
+    assert "deploy/miou" in run.data.metrics
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_multi_worker_training_on_two_hosts(sandbox):
+    before = len(sandbox.runs())
+    sandbox.filled.update({"<host 1>": "127.0.0.1", "<host 2>": "127.0.0.1", "<port 1>": str(_free_port()),
+                           "<port 2>": str(_free_port()), "<worker folder>": "outputs/worker1"})
+    worker = sandbox.start("TF_CONFIG='{\"cluster\": {\"worker\": [\"<host 1>:<port 1>\", \"<host 2>:<port 2>\"]}, "
+                           "\"task\": {\"type\": \"worker\", \"index\": 1}}' python train.py "
+                           "train.strategy=multi_worker hydra.run.dir=<worker folder>", smoke=True)
+    try:
+        sandbox.run("TF_CONFIG='{\"cluster\": {\"worker\": [\"<host 1>:<port 1>\", \"<host 2>:<port 2>\"]}, "
+                    "\"task\": {\"type\": \"worker\", \"index\": 0}}' python train.py train.strategy=multi_worker")
+        assert worker.wait(timeout=600) == 0
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+    runs = sandbox.runs()
+    assert len(runs) == before + 1  # the chief's run only
+    assert runs[-1].info.status == "FINISHED" and runs[-1].data.params["train.strategy"] == "multi_worker"
+    assert not (sandbox.root / "outputs" / "worker1" / "checkpoints").exists()
+
+
+def test_mixed_precision_training(sandbox):
+    sandbox.run("python train.py train.mixed_precision=mixed_bfloat16")
+    run = sandbox.runs()[-1]
+    assert run.info.status == "FINISHED" and run.data.params["train.mixed_precision"] == "mixed_bfloat16"
+    assert run.data.metrics["float/agreement"] >= 0.99
 
 
 @needs(CAMVID)
