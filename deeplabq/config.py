@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from deeplabq.errors import ConfigError
 from deeplabq.model import DeepLabSpec, spec_from_config
 
-PTQ_SCHEMES = ("dynamic_range", "float16", "int8")
+PTQ_SCHEMES = ("dynamic_range", "float16", "int8", "int16x8")
 INIT_SOURCES = ("scratch", "keras_imagenet", "deeplab_checkpoint", "run")
 
 

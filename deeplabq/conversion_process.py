@@ -68,7 +68,7 @@ def write_job(folder: Path, model_spec, models: dict, variants: list[str], expor
         image = check_image(model)
         np.save(folder / f"{kind}.check.npy", image)
         np.save(folder / f"{kind}.expected.npy", model(image[None], training=False).numpy())
-    if representative_images is not None:
+    if representative_images is not None:  # int8 and int16x8 calibrate on them
         np.save(folder / "representative.npy", np.stack([np.asarray(i, np.float32) for i in representative_images]))
     job = {"model": asdict(model_spec), "export": asdict(export_spec),
            "variants": {variant: source_kind(variant) for variant in variants}}

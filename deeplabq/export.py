@@ -5,18 +5,22 @@ Variants (TF Model Garden's ``quant_type`` names in brackets):
 - ``dynamic_range``  int8 weights, float activations quantized on the fly (TFLite PTQ tutorial)
 - ``float16``        float16 weights                                                    [fp16]
 - ``int8``           full-integer post-training quantization, calibrated on train images [int8_full]
+- ``int16x8``        int16 activations, int8 weights (TFLite's 16x8 PTQ), calibrated like int8; float32 in and
+                     out; no XNNPACK kernel runs it, so it is timed on TFLite's own kernels
 - ``qat_int8``       full-integer conversion of a quantization-aware-trained model      [qat]
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 import tf_keras as keras
+from ai_edge_litert.interpreter import Interpreter
 
 from deeplabq import quantization
 from deeplabq.config import ExportSpec
@@ -25,7 +29,8 @@ from deeplabq.errors import UserError
 from deeplabq.evaluation import TFLiteSegmenter
 from deeplabq.quantization import op_histogram, xnnpack_partitions  # noqa: F401  (re-exported)
 
-VARIANTS = ("float", "dynamic_range", "float16", "int8", "qat_int8")
+VARIANTS = ("float", "dynamic_range", "float16", "int8", "int16x8", "qat_int8")
+CALIBRATED = ("int8", "int16x8")  # the variants converted with representative (calibration) images
 
 
 class ExportError(UserError, RuntimeError):
@@ -68,6 +73,10 @@ def to_tflite(model: keras.Model, variant: str, *, output: str = "labels", input
             raise ValueError("int8 post-training quantization needs representative_images")
         return quantization.ptq_int8_tflite(model, representative_images, per_channel=per_channel,
                                             input_type=input_type, output=output, float_layers=float_layers)
+    if variant == "int16x8":
+        if representative_images is None:
+            raise ValueError("16x8 post-training quantization needs representative_images")
+        return quantization.ptq_int16x8_tflite(model, representative_images, per_channel=per_channel, output=output)
     if variant == "qat_int8":
         return quantization.qat_to_tflite(model, input_type=input_type, output=output)
     converter = quantization.tflite_converter(model, output)
@@ -124,15 +133,40 @@ def int8_float_layers_of(export_cfg: ExportSpec, report: list[dict] | None) -> l
     return chosen
 
 
+_NODE_FAILED = re.compile(r"Node number (\d+) \((\w+)\) failed to (prepare|invoke)")
+_NO_KERNEL = re.compile(r"Didn't find op for builtin opcode '(\w+)'")
+
+
+def litert_op_failure(tflite: bytes, error: BaseException) -> str:
+    """The op LiteRT could not run, named in words, when ``error`` (LiteRT's) names one; else ''."""
+    text = str(error)
+    if match := _NO_KERNEL.search(text):
+        return f"LiteRT has no kernel for op {match.group(1)} of this file: "
+    if match := _NODE_FAILED.search(text):
+        node, op, stage = int(match.group(1)), match.group(2), match.group(3)
+        layer = ""
+        try:
+            with native_output():
+                interpreter = Interpreter(model_content=tflite)
+            names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
+            outputs = interpreter._get_ops_details()[node]["outputs"]
+            layer = f" (layer {quantization.layer_of_tensor(names[int(outputs[0])])})" if len(outputs) else ""
+        except Exception:  # noqa: BLE001  (the op's name is enough)
+            pass
+        return f"LiteRT cannot {stage} op {op}{layer}, node {node} of this file: "
+    return ""
+
+
 def validate_and_write(tflite: bytes, model: keras.Model, variant: str, path: Path, *, check_images,
                        min_agreement: float = 0.0) -> ExportedModel:
-    """Load and run a converted ``variant`` against its Keras ``model``, then write it. Raises ExportError."""
+    """Load and run a converted ``variant`` against its Keras ``model``, then write it. Raises ExportError, which
+    names the op when LiteRT cannot run one (e.g. one with no kernel for the variant's types)."""
     native = CapturedOutput()
     try:
         with native_output(native):  # LiteRT's own lines: kept off the console, quoted on failure
             agreement = pixel_agreement(tflite, model, check_images)
     except Exception as error:  # noqa: BLE001  (any runtime failure is reported per variant)
-        raise conversion_failure(variant, error, native.tail(3)) from error
+        raise conversion_failure(variant, error, native.tail(3), stage=litert_op_failure(tflite, error)) from error
     if agreement < min_agreement:
         raise ExportError(f"TFLite variant '{variant}' agrees with its Keras model on only {agreement:.1%} "
                           f"of pixels (< {min_agreement:.0%})")

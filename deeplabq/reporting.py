@@ -118,8 +118,8 @@ def export_and_measure(spec: RunSpec, output_dir: Path, variants: list[str], *, 
     check_count = min(int(spec.export.agreement_images), len(eval_split))
     check_images = [data_lib.preprocess_for_eval(eval_split.load(i)[0], None, spec.dataset)[0]
                     for i in range(check_count)]
-    representative = (calibration_images(spec.quant, spec.dataset, train_split, output_dir) if "int8" in variants
-                      else None)
+    representative = (calibration_images(spec.quant, spec.dataset, train_split, output_dir)
+                      if set(export.CALIBRATED) & set(variants) else None)
     tflite_dir = output_dir / "tflite"
     sources = {variant: qat_model if variant == "qat_int8" else float_model for variant in variants}
     converted = (convert_in_child(spec, sources, representative) if spec.export.isolate_conversion else {})
@@ -242,11 +242,15 @@ def summary_table(metrics: dict[str, float], threads: list[int]) -> str:
         lat = [metrics.get(f"{v}/latency_ms_t{t}", float("nan")) for t in threads]
         speed = ["" if base is None else f"{metrics[f'{base}/latency_ms_t{t}'] / lat_t:.2f}x"
                  for t, lat_t in zip(threads, lat, strict=True)]
-        rows.append([v + (" *" if v == shipped else ""), f"{miou:.2f}", delta,
+        slow = " †" if metrics.get(f"{v}/xnnpack_partitions") == 0 else ""  # no XNNPACK: TFLite's own kernels
+        rows.append([v + (" *" if v == shipped else "") + slow, f"{miou:.2f}", delta,
                      f"{metrics[f'{v}/size_bytes'] / 1024:.1f}", *[f"{x:.2f}" for x in lat], *speed])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
+    if any(metrics.get(f"{v}/xnnpack_partitions") == 0 for v in variants):
+        lines.append("† no op runs in XNNPACK (e.g. int16x8: XNNPACK has no 16-bit kernels): timed on TFLite's "
+                     "own kernels")
     if shipped:
         lines.append(f"* shipped: tflite/{shipped}.tflite (its metrics are also logged as deploy/*)")
     return "\n".join(lines)

@@ -75,7 +75,7 @@ def results_rows(stage_metrics: dict[str, dict], dm: float, stage_dirs: dict[str
     later = {k.split("/")[0] for stage, m in stage_metrics.items() if stage != "float" for k in m}
     for stage, metrics in stage_metrics.items():
         artifacts = sorted(artifacts_in(metrics),
-                           key=lambda a: ("float", "float16", "dynamic_range", "int8", "qat_int8").index(a))
+                           key=lambda a: ("float", "float16", "dynamic_range", "int8", "int16x8", "qat_int8").index(a))
         skip = {"float"} if stage != "float" else later - {"float"}
         artifacts = [a for a in artifacts if a not in skip]
         for artifact in artifacts:
