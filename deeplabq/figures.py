@@ -155,9 +155,10 @@ def _finite(value) -> bool:
 
 def tradeoff_figure(points: list[dict], path, title: str = "mIoU against latency and size") -> Path:
     """Two panels: mIoU (%) against latency (ms, left) and against size (KB, right), one labelled point per
-    artifact (``name``, ``miou`` in %, ``latency_ms``, ``size_bytes``, optional ``baseline``). A baseline is a
-    star with a dashed line at its mIoU. A point without a finite latency (or size) is left off that panel.
-    Points of the same name share a colour."""
+    artifact (``name``, ``miou`` in %, ``latency_ms``, ``size_bytes``, optional ``baseline`` and ``pareto``). A
+    baseline is a star with a dashed line at its mIoU; a point on the Pareto front (``pareto``: no other point
+    beats it on all of mIoU, latency and size) has a red ring. A point without a finite latency (or size) is left
+    off that panel. Points of the same name share a colour."""
     names = list(dict.fromkeys(p["name"] for p in points))
     colours = {name: matplotlib.colormaps["tab10"](k % 10) for k, name in enumerate(names)}
     fig = Figure(figsize=(12, 4.8), layout="constrained")
@@ -168,8 +169,9 @@ def tradeoff_figure(points: list[dict], path, title: str = "mIoU against latency
         for p in drawn:
             x, y = float(p[key]) * scale, float(p["miou"])
             baseline = bool(p.get("baseline", False))
+            front = bool(p.get("pareto", False))
             ax.scatter(x, y, s=150 if baseline else 45, marker="*" if baseline else "o", color=colours[p["name"]],
-                       edgecolors="black", linewidths=0.5, zorder=3)
+                       edgecolors="red" if front else "black", linewidths=2 if front else 0.5, zorder=3)
             ax.annotate(p["name"], (x, y), fontsize=8, xytext=(5, 4), textcoords="offset points")
             if baseline:
                 ax.axhline(y, color=colours[p["name"]], linestyle="--", linewidth=1,
@@ -179,7 +181,10 @@ def tradeoff_figure(points: list[dict], path, title: str = "mIoU against latency
                     ha="center", va="center", color="grey")
             ax.set_xticks([])
             ax.set_yticks([])
-        if any(p.get("baseline") for p in drawn):
+        if any(p.get("pareto") for p in drawn):
+            ax.scatter([], [], s=45, facecolors="none", edgecolors="red", linewidths=2,
+                       label="Pareto front (mIoU, latency, size)")
+        if any(p.get("baseline") or p.get("pareto") for p in drawn):
             ax.legend(fontsize=8, loc="lower right")
         ax.set_xlabel(label)
         ax.set_ylabel("mIoU (%)")
