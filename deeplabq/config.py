@@ -132,6 +132,8 @@ class ExportSpec:
     int8_float_layers: tuple[str, ...] = ()
     int8_float_worst_layers: int = 0
     isolate_conversion: bool = True  # convert in a child process: a native crash fails one variant, not the run
+    cross_layer_equalization: bool = False  # int8/int16x8: equalize depthwise -> pointwise pairs before converting
+    bias_correction: bool = False  # int8/int16x8: empirical bias correction of the int8 weights' mean error
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ExportSpec:

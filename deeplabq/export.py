@@ -28,6 +28,7 @@ from deeplabq.console import CapturedOutput, native_output
 from deeplabq.errors import UserError
 from deeplabq.evaluation import TFLiteSegmenter
 from deeplabq.quantization import op_histogram, xnnpack_partitions  # noqa: F401  (re-exported)
+from deeplabq.quantization.equalization import corrected_for_ptq
 
 VARIANTS = ("float", "dynamic_range", "float16", "int8", "int16x8", "qat_int8")
 CALIBRATED = ("int8", "int16x8")  # the variants converted with representative (calibration) images
@@ -58,16 +59,22 @@ class ExportedModel:
 
 
 def to_tflite(model: keras.Model, variant: str, *, output: str = "labels", input_type: str = "uint8",
-              per_channel: bool = True, representative_images=None, float_layers=()) -> bytes:
+              per_channel: bool = True, representative_images=None, float_layers=(), equalize: bool = False,
+              bias_correction: bool = False) -> bytes:
     """Convert ``model`` to one TFLite variant and return the flatbuffer.
 
     ``input_type`` applies to the integer variants (uint8: raw pixels with scale 1 since the model
     normalizes internally; int8; float32). Float variants always take float32 0..255 pixels.
     ``representative_images`` (iterable of HxWx3 float 0..255 arrays) is required for ``int8``;
-    ``float_layers`` (Keras layer names) stay float in the ``int8`` file.
+    ``float_layers`` (Keras layer names) stay float in the ``int8`` file. ``equalize`` / ``bias_correction``:
+    the calibrated variants convert a copy of ``model`` with cross-layer equalization / empirical bias
+    correction (``deeplabq.quantization.equalization``) on the representative images.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown TFLite variant {variant!r}; choose from {VARIANTS}")
+    if variant in CALIBRATED and representative_images is not None and (equalize or bias_correction):
+        model = corrected_model(model, representative_images, equalize=equalize, bias_correction=bias_correction,
+                                per_channel=per_channel)
     if variant == "int8":
         if representative_images is None:
             raise ValueError("int8 post-training quantization needs representative_images")
@@ -86,6 +93,13 @@ def to_tflite(model: keras.Model, variant: str, *, output: str = "labels", input
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     return converter.convert()
+
+
+def corrected_model(model: keras.Model, images, *, equalize: bool, bias_correction: bool,
+                    per_channel: bool) -> keras.Model:
+    """``model`` with the PTQ corrections asked for; bias correction measures on at most 64 of the images."""
+    return corrected_for_ptq(model, list(images)[:64], equalize=equalize, bias_correction=bias_correction,
+                             per_channel=per_channel)
 
 
 def pixel_agreement(tflite: bytes, model: keras.Model, images) -> float:
@@ -118,6 +132,8 @@ def conversion_failure(variant: str, error: BaseException, converter_tail: str =
 def int8_layer_report(export_cfg: ExportSpec, float_model: keras.Model, representative_images) -> list[dict]:
     """The PTQ int8 per-layer error report (QuantizationDebugger) on the first ``export.int8_debug_images``
     calibration images, worst first."""
+    float_model = corrected_model(float_model, representative_images, equalize=export_cfg.cross_layer_equalization,
+                                  bias_correction=export_cfg.bias_correction, per_channel=export_cfg.per_channel)
     return quantization.int8_layer_errors(float_model, representative_images,
                                           representative_images[: int(export_cfg.int8_debug_images)],
                                           per_channel=bool(export_cfg.per_channel))
@@ -183,7 +199,8 @@ def export_variant(model: keras.Model, variant: str, path: Path, *, check_images
         with native_output(native):  # the converter's own lines: kept off the console, quoted on failure
             tflite = to_tflite(model, variant, output=export_cfg.output, input_type=export_cfg.input_type,
                                per_channel=export_cfg.per_channel, representative_images=representative_images,
-                               float_layers=float_layers)
+                               float_layers=float_layers, equalize=export_cfg.cross_layer_equalization,
+                               bias_correction=export_cfg.bias_correction)
     except Exception as error:  # noqa: BLE001  (any converter failure is reported per variant)
         raise conversion_failure(variant, error, native.tail(3)) from error
     return validate_and_write(tflite, model, variant, path, check_images=check_images, min_agreement=min_agreement)
