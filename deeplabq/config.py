@@ -134,6 +134,9 @@ class ExportSpec:
     isolate_conversion: bool = True  # convert in a child process: a native crash fails one variant, not the run
     cross_layer_equalization: bool = False  # int8/int16x8: equalize depthwise -> pointwise pairs before converting
     bias_correction: bool = False  # int8/int16x8: empirical bias correction of the int8 weights' mean error
+    int8_max_drop: float | None = None  # accuracy-controlled int8: mIoU points below float it may lose
+    int8_control_images: int | None = 50  # eval images the accuracy-controlled search scores on (None: all)
+    int8_max_float_layers: int = 16  # the most worst-ranked layers the search may keep in float
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ExportSpec:
@@ -152,6 +155,15 @@ class ExportSpec:
                 f"export.int8_debug_images must be >= 0, got {self.int8_debug_images}")
         require(int(self.int8_float_worst_layers) >= 0,
                 f"export.int8_float_worst_layers must be >= 0, got {self.int8_float_worst_layers}")
+        if self.int8_max_drop is not None:
+            require(float(self.int8_max_drop) >= 0, f"export.int8_max_drop must be >= 0 mIoU points, got "
+                    f"{self.int8_max_drop}")
+            require(int(self.int8_debug_images) > 0, f"export.int8_max_drop={self.int8_max_drop} ranks layers by the "
+                    "per-layer error report: set export.int8_debug_images > 0")
+            require(int(self.int8_max_float_layers) >= 1,
+                    f"export.int8_max_float_layers must be >= 1, got {self.int8_max_float_layers}")
+            require(self.int8_control_images is None or int(self.int8_control_images) >= 1,
+                    f"export.int8_control_images must be >= 1 or null, got {self.int8_control_images}")
         require(int(self.int8_float_worst_layers) == 0 or int(self.int8_debug_images) > 0,
                 f"export.int8_float_worst_layers={self.int8_float_worst_layers} picks layers from the per-layer "
                 f"error report: set export.int8_debug_images > 0")

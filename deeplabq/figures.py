@@ -192,3 +192,31 @@ def tradeoff_figure(points: list[dict], path, title: str = "mIoU against latency
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+def accuracy_control_figure(rows: list[dict], baseline: float, max_drop: float, path,
+                            title: str = "int8 accuracy control") -> Path:
+    """The accuracy-controlled int8 search's curve: mIoU (%) against the number of layers kept in float (left,
+    with the float baseline and the budget), and 1-thread latency (ms) with the float file's beside it (right,
+    each point labelled with its XNNPACK partitions). ``rows``: ``float_layers``, ``miou``, ``latency_ms``,
+    ``float_latency_ms``, ``xnnpack_partitions``."""
+    rows = sorted(rows, key=lambda row: row["float_layers"])
+    x = [row["float_layers"] for row in rows]
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.plot(x, [row["miou"] for row in rows], "o-", label="int8")
+    left.axhline(baseline, color="black", linestyle="--", linewidth=1, label=f"float ({baseline:.2f})")
+    left.axhline(baseline - max_drop, color="red", linestyle=":", linewidth=1, label=f"budget (-{max_drop})")
+    left.set_ylabel("mIoU (%)")
+    right.plot(x, [row["latency_ms"] for row in rows], "o-", label="int8")
+    right.plot(x, [row["float_latency_ms"] for row in rows], "s--", color="black", label="float (same runs)")
+    for row in rows:
+        right.annotate(f"{row['xnnpack_partitions']}p", (row["float_layers"], row["latency_ms"]), fontsize=7,
+                       xytext=(3, 3), textcoords="offset points")
+    right.set_ylabel("latency, 1 thread (ms)")
+    for ax in (left, right):
+        ax.set_xlabel("worst layers kept in float")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return _save(fig, path)

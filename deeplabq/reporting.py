@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from deeplabq import conversion_process, evaluation, export, figures, tracking
+from deeplabq import conversion_process, evaluation, export, figures, int8_control, tracking
 from deeplabq import data as data_lib
 from deeplabq.config import ExportSpec, QuantSpec, RunSpec
 from deeplabq.console import native_output, progress
@@ -120,10 +120,19 @@ def export_and_measure(spec: RunSpec, output_dir: Path, variants: list[str], *, 
                     for i in range(check_count)]
     representative = (calibration_images(spec.quant, spec.dataset, train_split, output_dir)
                       if set(export.CALIBRATED) & set(variants) else None)
+    failures = []
+    if "int8" in variants and float_model is not None and spec.export.int8_max_drop is not None:
+        try:  # the float layers of the int8 file, chosen by measuring candidates against the budget
+            spec = int8_control.with_controlled_float_layers(spec, output_dir, float_model, representative, eval_split)
+        except export.ExportError as error:
+            print(f"error: {error}")
+            mlflow.set_tag("deeplabq.export_error.int8", str(error)[:5000])
+            failures.append(str(error))
+            variants = [variant for variant in variants if variant != "int8"]
     tflite_dir = output_dir / "tflite"
     sources = {variant: qat_model if variant == "qat_int8" else float_model for variant in variants}
     converted = (convert_in_child(spec, sources, representative) if spec.export.isolate_conversion else {})
-    metrics, failures = {}, []
+    metrics = {}
     for variant in progress(variants, desc="export", unit="file"):
         source = sources[variant]
         path = tflite_dir / f"{variant}.tflite"
