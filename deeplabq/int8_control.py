@@ -90,7 +90,8 @@ def log_curve(result: SearchResult, output_dir: Path, images: int) -> None:
     csv_path = output_dir / "tflite" / CURVE_FILE
     export.write_atomically(csv_path, table.getvalue().encode())
     mlflow.log_artifact(str(csv_path), artifact_path="tflite")
-    figure = figures.accuracy_control_figure(rows, result.baseline, result.max_drop, output_dir / "figures" / FIGURE_FILE,
+    figure = figures.accuracy_control_figure(rows, result.baseline, result.max_drop,
+                                             output_dir / "figures" / FIGURE_FILE,
                                              title=f"int8 accuracy control: first {images} eval images")
     mlflow.log_artifact(str(figure), artifact_path="figures")
     for row in rows:
