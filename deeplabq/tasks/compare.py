@@ -30,7 +30,8 @@ RECIPES = {
                "qat_delayed": "camvid_qat_delayed"},
     # the same stages fine-tuned from the model-zoo PASCAL VOC checkpoint (dm 0.5 only)
     "camvid_pascal": {"float": "camvid_pascal_float", "ptq": "camvid_pascal_ptq",
-                      "qat_finetune": "camvid_pascal_qat_finetune", "qat_delayed": "camvid_pascal_qat_delayed"},
+                      "qat_finetune": "camvid_pascal_qat_finetune", "qat_delayed": "camvid_pascal_qat_delayed",
+                      "ptq_per_tensor": "camvid_pascal_ptq_per_tensor", "ptq_16x8": "camvid_pascal_ptq16x8"},
 }
 # recipes that start from a checkpoint of one width
 RECIPE_DEPTH_MULTIPLIERS = {"camvid_pascal": (0.5,)}
@@ -44,7 +45,8 @@ def default_out_dir(recipe: str) -> Path:
 
 
 def _stage_overrides(stage: str, float_dir: Path, tracking_uri: str) -> list[str]:
-    float_checkpoint = [f"quant.float_checkpoint={float_dir}"] if stage in ("ptq", "qat_finetune") else []
+    starts_from_float = stage.startswith("ptq") or stage == "qat_finetune"
+    float_checkpoint = [f"quant.float_checkpoint={float_dir}"] if starts_from_float else []
     return [f"tracking.tracking_uri={tracking_uri}", *float_checkpoint]
 
 
