@@ -132,8 +132,8 @@ class ExportSpec:
     int8_float_layers: tuple[str, ...] = ()
     int8_float_worst_layers: int = 0
     isolate_conversion: bool = True  # convert in a child process: a native crash fails one variant, not the run
-    cross_layer_equalization: bool = False  # int8/int16x8: equalize depthwise -> pointwise pairs before converting
-    bias_correction: bool = False  # int8/int16x8: empirical bias correction of the int8 weights' mean error
+    cross_layer_equalization: bool | None = None  # int8/int16x8: equalize depthwise -> pointwise pairs first
+    bias_correction: bool | None = None  # int8/int16x8: empirical bias correction of the int8 weights' mean error
     int8_max_drop: float | None = None  # accuracy-controlled int8: mIoU points below float it may lose
     int8_control_images: int | None = 50  # eval images the accuracy-controlled search scores on (None: all)
     int8_max_float_layers: int = 16  # the most worst-ranked layers the search may keep in float
@@ -143,6 +143,16 @@ class ExportSpec:
         values = _values(cfg.export, cls)
         return cls(**{**values, "ptq_variants": tuple(values.get("ptq_variants") or ()),
                       "int8_float_layers": tuple(values.get("int8_float_layers") or ())})
+
+    @property
+    def equalize(self) -> bool:
+        """``cross_layer_equalization``, where null means: on for per-tensor weights, off per channel."""
+        return (not self.per_channel) if self.cross_layer_equalization is None else bool(self.cross_layer_equalization)
+
+    @property
+    def correct_bias(self) -> bool:
+        """``bias_correction``, where null means: on for per-tensor weights, off per channel."""
+        return (not self.per_channel) if self.bias_correction is None else bool(self.bias_correction)
 
     def validate(self) -> None:
         require(self.input_type in ("uint8", "int8", "float32"),

@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                     model, variant, output=export_spec.output, input_type=export_spec.input_type,
                     per_channel=export_spec.per_channel, representative_images=representative,
                     float_layers=export.int8_float_layers_of(export_spec, report) if variant == "int8" else (),
-                    equalize=export_spec.cross_layer_equalization, bias_correction=export_spec.bias_correction)
+                    equalize=export_spec.equalize, bias_correction=export_spec.correct_bias)
             except Exception as failure:  # noqa: BLE001  (any converter failure is reported per variant)
                 error = str(export.conversion_failure(variant, failure))
             else:

@@ -132,8 +132,8 @@ def conversion_failure(variant: str, error: BaseException, converter_tail: str =
 def int8_layer_report(export_cfg: ExportSpec, float_model: keras.Model, representative_images) -> list[dict]:
     """The PTQ int8 per-layer error report (QuantizationDebugger) on the first ``export.int8_debug_images``
     calibration images, worst first."""
-    float_model = corrected_model(float_model, representative_images, equalize=export_cfg.cross_layer_equalization,
-                                  bias_correction=export_cfg.bias_correction, per_channel=export_cfg.per_channel)
+    float_model = corrected_model(float_model, representative_images, equalize=export_cfg.equalize,
+                                  bias_correction=export_cfg.correct_bias, per_channel=export_cfg.per_channel)
     return quantization.int8_layer_errors(float_model, representative_images,
                                           representative_images[: int(export_cfg.int8_debug_images)],
                                           per_channel=bool(export_cfg.per_channel))
@@ -199,8 +199,8 @@ def export_variant(model: keras.Model, variant: str, path: Path, *, check_images
         with native_output(native):  # the converter's own lines: kept off the console, quoted on failure
             tflite = to_tflite(model, variant, output=export_cfg.output, input_type=export_cfg.input_type,
                                per_channel=export_cfg.per_channel, representative_images=representative_images,
-                               float_layers=float_layers, equalize=export_cfg.cross_layer_equalization,
-                               bias_correction=export_cfg.bias_correction)
+                               float_layers=float_layers, equalize=export_cfg.equalize,
+                               bias_correction=export_cfg.correct_bias)
     except Exception as error:  # noqa: BLE001  (any converter failure is reported per variant)
         raise conversion_failure(variant, error, native.tail(3)) from error
     return validate_and_write(tflite, model, variant, path, check_images=check_images, min_agreement=min_agreement)

@@ -54,8 +54,8 @@ def run_search(spec: RunSpec, float_model, representative, eval_split) -> Search
     cfg = spec.export
     pairs = _subset(spec, eval_split)
     with native_output():
-        model = export.corrected_model(float_model, representative, equalize=cfg.cross_layer_equalization,
-                                       bias_correction=cfg.bias_correction, per_channel=cfg.per_channel)
+        model = export.corrected_model(float_model, representative, equalize=cfg.equalize,
+                                       bias_correction=cfg.correct_bias, per_channel=cfg.per_channel)
         report = quantization.int8_layer_errors(model, representative, representative[: int(cfg.int8_debug_images)],
                                                 per_channel=cfg.per_channel)
         float_file = export.to_tflite(float_model, "float", output=cfg.output)

@@ -120,6 +120,10 @@ def export_and_measure(spec: RunSpec, output_dir: Path, variants: list[str], *, 
                     for i in range(check_count)]
     representative = (calibration_images(spec.quant, spec.dataset, train_split, output_dir)
                       if set(export.CALIBRATED) & set(variants) else None)
+    if representative is not None:  # what the int8 / int16x8 files were converted from (null keys: per_channel)
+        corrections = [name for name, on in (("cross_layer_equalization", spec.export.equalize),
+                                             ("bias_correction", spec.export.correct_bias)) if on]
+        mlflow.set_tag("deeplabq.ptq_corrections", ",".join(corrections) or "none")
     failures = []
     if "int8" in variants and float_model is not None and spec.export.int8_max_drop is not None:
         try:  # the float layers of the int8 file, chosen by measuring candidates against the budget

@@ -58,3 +58,10 @@ def test_int8_export_with_both_corrections(tmp_path, live_model):
         live_model, "int8", tmp_path / "int8.tflite", check_images=images[:2], representative_images=images,
         export_cfg=ExportSpec(per_channel=False, cross_layer_equalization=True, bias_correction=True))
     assert exported.agreement > 0.8 and exported.xnnpack_partitions == 1
+
+
+def test_corrections_default_to_on_for_per_tensor_weights_only():
+    assert (ExportSpec().equalize, ExportSpec().correct_bias) == (False, False)
+    assert (ExportSpec(per_channel=False).equalize, ExportSpec(per_channel=False).correct_bias) == (True, True)
+    explicit = ExportSpec(per_channel=False, cross_layer_equalization=False, bias_correction=True)
+    assert (explicit.equalize, explicit.correct_bias) == (False, True)
