@@ -3,7 +3,7 @@ within the budget of the float file's (deeplabq.quantization.accuracy_control se
 
 Every candidate is converted in this process (from the float model with the run's corrections), scored with
 LiteRT on the first ``export.int8_control_images`` images of the eval split, timed at 1 thread interleaved with
-the float file (median of ``eval.latency_runs``, at least 10), and its XNNPACK partitions counted: float islands
+the float file (median of ``eval.latency_runs``, at least 30), and its XNNPACK partitions counted: float islands
 cost DEQUANTIZE/QUANTIZE pairs and can split the graph. The curve is written and logged as
 ``tflite/int8_accuracy_control.csv`` and ``figures/int8_accuracy_control.png``, and as MLflow metrics
 ``int8_control/*`` with the number of float layers as their step. The chosen layers then go to the ordinary int8
@@ -60,7 +60,7 @@ def run_search(spec: RunSpec, float_model, representative, eval_split) -> Search
                                                 per_channel=cfg.per_channel)
         float_file = export.to_tflite(float_model, "float", output=cfg.output)
     baseline = _miou(float_file, pairs, eval_split)
-    runs = max(10, int(spec.eval.latency_runs))
+    runs = max(30, int(spec.eval.latency_runs))
     bar = progress(total=None, desc="int8 accuracy control", unit="file")
 
     def measure(layers: tuple[str, ...]) -> Measured:
