@@ -74,7 +74,7 @@ def to_tflite(model: keras.Model, variant: str, *, output: str = "labels", input
         raise ValueError(f"unknown TFLite variant {variant!r}; choose from {VARIANTS}")
     if variant in CALIBRATED and representative_images is not None and (equalize or bias_correction):
         model = corrected_model(model, representative_images, equalize=equalize, bias_correction=bias_correction,
-                                per_channel=per_channel)
+                                per_channel=per_channel, float_layers=float_layers if variant == "int8" else ())
     if variant == "int8":
         if representative_images is None:
             raise ValueError("int8 post-training quantization needs representative_images")
@@ -96,10 +96,11 @@ def to_tflite(model: keras.Model, variant: str, *, output: str = "labels", input
 
 
 def corrected_model(model: keras.Model, images, *, equalize: bool, bias_correction: bool,
-                    per_channel: bool) -> keras.Model:
-    """``model`` with the PTQ corrections asked for; bias correction measures on at most 64 of the images."""
+                    per_channel: bool, float_layers=()) -> keras.Model:
+    """``model`` with the PTQ corrections asked for (none for ``float_layers``); bias correction measures on at
+    most 64 of the images."""
     return corrected_for_ptq(model, list(images)[:64], equalize=equalize, bias_correction=bias_correction,
-                             per_channel=per_channel)
+                             per_channel=per_channel, float_layers=tuple(float_layers))
 
 
 def pixel_agreement(tflite: bytes, model: keras.Model, images) -> float:

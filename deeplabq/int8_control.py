@@ -54,8 +54,10 @@ def run_search(spec: RunSpec, float_model, representative, eval_split) -> Search
     cfg = spec.export
     pairs = _subset(spec, eval_split)
     with native_output():
-        model = export.corrected_model(float_model, representative, equalize=cfg.equalize,
-                                       bias_correction=cfg.correct_bias, per_channel=cfg.per_channel)
+        equalized = export.corrected_model(float_model, representative, equalize=cfg.equalize, bias_correction=False,
+                                           per_channel=cfg.per_channel)
+        model = export.corrected_model(equalized, representative, equalize=False, bias_correction=cfg.correct_bias,
+                                       per_channel=cfg.per_channel)
         report = quantization.int8_layer_errors(model, representative, representative[: int(cfg.int8_debug_images)],
                                                 per_channel=cfg.per_channel)
         float_file = export.to_tflite(float_model, "float", output=cfg.output)
@@ -64,8 +66,11 @@ def run_search(spec: RunSpec, float_model, representative, eval_split) -> Search
     bar = progress(total=None, desc="int8 accuracy control", unit="file")
 
     def measure(layers: tuple[str, ...]) -> Measured:
-        with native_output():
-            tflite = quantization.ptq_int8_tflite(model, representative, per_channel=cfg.per_channel,
+        with native_output():  # bias correction again: the layers kept float must not carry an int8 correction
+            candidate = model if not (cfg.correct_bias and layers) else export.corrected_model(
+                equalized, representative, equalize=False, bias_correction=True, per_channel=cfg.per_channel,
+                float_layers=layers)
+            tflite = quantization.ptq_int8_tflite(candidate, representative, per_channel=cfg.per_channel,
                                                   input_type=cfg.input_type, output=cfg.output, float_layers=layers)
             latency = evaluation.interleaved_latency({"float": float_file, "int8": tflite}, 1, runs=runs)
         bar.update(1)

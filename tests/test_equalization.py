@@ -65,3 +65,14 @@ def test_corrections_default_to_on_for_per_tensor_weights_only():
     assert (ExportSpec(per_channel=False).equalize, ExportSpec(per_channel=False).correct_bias) == (True, True)
     explicit = ExportSpec(per_channel=False, cross_layer_equalization=False, bias_correction=True)
     assert (explicit.equalize, explicit.correct_bias) == (False, True)
+
+
+def test_bias_correction_leaves_the_layers_kept_float_alone(live_model):
+    corrected, count = equalization.correct_bias(live_model, tiny_images(2, seed=2), per_channel=False,
+                                                 float_layers=("block_3_depthwise", "logits_semantic"))
+    assert count == 53
+    for name, weight in (("block_3_depthwise_BN", "beta"), ("logits_semantic", "bias")):
+        kept = [getattr(m.get_layer(name), weight).numpy() for m in (live_model, corrected)]
+        assert np.array_equal(*kept)
+    assert not np.array_equal(live_model.get_layer("block_4_depthwise_BN").beta.numpy(),
+                              corrected.get_layer("block_4_depthwise_BN").beta.numpy())

@@ -193,12 +193,15 @@ def _channel_means(model: keras.Model, outputs: list, images, batch_size: int) -
     return [np.asarray(total) / count for total, count in zip(sums, counts, strict=True)]
 
 
-def correct_bias(model: keras.Model, images, *, per_channel: bool, batch_size: int = 8) -> tuple[keras.Model, int]:
+def correct_bias(model: keras.Model, images, *, per_channel: bool, float_layers=(),
+                 batch_size: int = 8) -> tuple[keras.Model, int]:
     """Empirical bias correction (module docstring), layer by layer in graph order: each conv's mean output
     (after its BN) in the int8-weight model, whose earlier layers are already corrected, is brought back to the
-    float model's, through its BN beta (or its bias). Returns the new model and the number of layers corrected."""
+    float model's, through its BN beta (or its bias). Layers named in ``float_layers`` stay float in the file:
+    their weights are not quantized here and their bias is left alone (a correction of int8 weights they will
+    not have would be an error of its own). Returns the new model and the number of layers corrected."""
     model = clone(model)
-    targets = _conv_targets(model)
+    targets = [(layer, bn) for layer, bn in _conv_targets(model) if layer.name not in set(float_layers)]
     if not targets:
         return model, 0
     images = [np.asarray(image, np.float32) for image in images]
@@ -215,11 +218,11 @@ def correct_bias(model: keras.Model, images, *, per_channel: bool, batch_size: i
 
 
 def corrected_for_ptq(model: keras.Model, images, *, equalize: bool, bias_correction: bool,
-                      per_channel: bool) -> keras.Model:
+                      per_channel: bool, float_layers=()) -> keras.Model:
     """``model`` with the corrections asked for, equalization first (bias correction measures the error of the
-    equalized weights); ``model`` itself when neither is."""
+    equalized weights; ``float_layers``, kept float in the file, get none); ``model`` itself when neither is."""
     if equalize:
         model, _ = equalize_depthwise_pointwise(model, images)
     if bias_correction:
-        model, _ = correct_bias(model, images, per_channel=per_channel)
+        model, _ = correct_bias(model, images, per_channel=per_channel, float_layers=float_layers)
     return model
