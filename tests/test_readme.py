@@ -414,6 +414,8 @@ def test_camvid_comparison_from_the_model_zoo_and_its_table(sandbox):
     sandbox.run("python compare.py camvid_pascal")
     table = sandbox.run("python compare.py camvid_pascal --table-only", smoke=False).stdout
     assert "| 0.5 | float |" in table and "qat_int8 (qat_delayed)" in table and "int8 (ptq)" in table
+    assert "int8 (ptq_per_tensor)" in table and "int16x8 (ptq_16x8)" in table and "| Pareto |" in table
+    assert "| ✓ |" in table  # something is always on the front
     assert (sandbox.root / "docs" / "camvid_pascal_results.png").is_file()
     stages = sandbox.runs(deeplabq__recipe="camvid_pascal")
     assert len(stages) == 2 and all(r.info.status == "FINISHED" for r in stages)  # a parent per command
