@@ -33,6 +33,8 @@ RECIPES = {
                       "qat_finetune": "camvid_pascal_qat_finetune", "qat_delayed": "camvid_pascal_qat_delayed",
                       "ptq_per_tensor": "camvid_pascal_ptq_per_tensor", "ptq_16x8": "camvid_pascal_ptq16x8"},
 }
+# the stages that start from the float stage's checkpoint
+FROM_FLOAT_STAGES = ("ptq", "qat_finetune", "ptq_per_tensor", "ptq_16x8")
 # recipes that start from a checkpoint of one width
 RECIPE_DEPTH_MULTIPLIERS = {"camvid_pascal": (0.5,)}
 BACKBONES = {0.5: "mnv2_dm050", 1.0: "mnv2_dm100"}
@@ -45,8 +47,7 @@ def default_out_dir(recipe: str) -> Path:
 
 
 def _stage_overrides(stage: str, float_dir: Path, tracking_uri: str) -> list[str]:
-    starts_from_float = stage.startswith("ptq") or stage == "qat_finetune"
-    float_checkpoint = [f"quant.float_checkpoint={float_dir}"] if starts_from_float else []
+    float_checkpoint = [f"quant.float_checkpoint={float_dir}"] if stage in FROM_FLOAT_STAGES else []
     return [f"tracking.tracking_uri={tracking_uri}", *float_checkpoint]
 
 
