@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from deeplabq.errors import ConfigError
 from deeplabq.model import DeepLabSpec, spec_from_config
 
-PTQ_SCHEMES = ("dynamic_range", "float16", "int8")
+PTQ_SCHEMES = ("dynamic_range", "float16", "int8", "int16x8")
 STRATEGIES = ("default", "mirrored", "multi_worker")  # train.strategy (deeplabq.distribute)
 MIXED_PRECISION = ("mixed_float16", "mixed_bfloat16")  # train.mixed_precision, besides null
 INIT_SOURCES = ("scratch", "keras_imagenet", "deeplab_checkpoint", "run")
@@ -143,12 +143,27 @@ class ExportSpec:
     int8_fold_input: bool = True  # integer files: input normalization folded into the uint8 input (no MUL/ADD)
     int8_float_tail: bool = True  # integer files: resize of the logits and ArgMax in float (faster on XNNPACK)
     float16_arithmetic: bool = False  # float16 file: XNNPACK may compute in fp16 (ARMv8.2+), not only store fp16
+    cross_layer_equalization: bool | None = None  # int8/int16x8: equalize depthwise -> pointwise pairs first
+    bias_correction: bool | None = None  # int8/int16x8: empirical bias correction of the int8 weights' mean error
+    int8_max_drop: float | None = None  # accuracy-controlled int8: mIoU points below float it may lose
+    int8_control_images: int | None = 50  # eval images the accuracy-controlled search scores on (None: all)
+    int8_max_float_layers: int = 16  # the most worst-ranked layers the search may keep in float
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ExportSpec:
         values = _values(cfg.export, cls)
         return cls(**{**values, "ptq_variants": tuple(values.get("ptq_variants") or ()),
                       "int8_float_layers": tuple(values.get("int8_float_layers") or ())})
+
+    @property
+    def equalize(self) -> bool:
+        """``cross_layer_equalization``, where null means: on for per-tensor weights, off per channel."""
+        return (not self.per_channel) if self.cross_layer_equalization is None else bool(self.cross_layer_equalization)
+
+    @property
+    def correct_bias(self) -> bool:
+        """``bias_correction``, where null means: on for per-tensor weights, off per channel."""
+        return (not self.per_channel) if self.bias_correction is None else bool(self.bias_correction)
 
     def validate(self) -> None:
         require(self.input_type in ("uint8", "int8", "float32"),
@@ -161,6 +176,15 @@ class ExportSpec:
                 f"export.int8_debug_images must be >= 0, got {self.int8_debug_images}")
         require(int(self.int8_float_worst_layers) >= 0,
                 f"export.int8_float_worst_layers must be >= 0, got {self.int8_float_worst_layers}")
+        if self.int8_max_drop is not None:
+            require(float(self.int8_max_drop) >= 0, f"export.int8_max_drop must be >= 0 mIoU points, got "
+                    f"{self.int8_max_drop}")
+            require(int(self.int8_debug_images) > 0, f"export.int8_max_drop={self.int8_max_drop} ranks layers by the "
+                    "per-layer error report: set export.int8_debug_images > 0")
+            require(int(self.int8_max_float_layers) >= 1,
+                    f"export.int8_max_float_layers must be >= 1, got {self.int8_max_float_layers}")
+            require(self.int8_control_images is None or int(self.int8_control_images) >= 1,
+                    f"export.int8_control_images must be >= 1 or null, got {self.int8_control_images}")
         require(int(self.int8_float_worst_layers) == 0 or int(self.int8_debug_images) > 0,
                 f"export.int8_float_worst_layers={self.int8_float_worst_layers} picks layers from the per-layer "
                 f"error report: set export.int8_debug_images > 0")

@@ -68,7 +68,7 @@ def write_job(folder: Path, model_spec, models: dict, variants: list[str], expor
         image = check_image(model)
         np.save(folder / f"{kind}.check.npy", image)
         np.save(folder / f"{kind}.expected.npy", model(image[None], training=False).numpy())
-    if representative_images is not None:
+    if representative_images is not None:  # int8 and int16x8 calibrate on them
         np.save(folder / "representative.npy", np.stack([np.asarray(i, np.float32) for i in representative_images]))
     job = {"model": asdict(model_spec), "export": asdict(export_spec),
            "variants": {variant: source_kind(variant) for variant in variants}}
@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                     per_channel=export_spec.per_channel, representative_images=representative,
                     float_layers=export.int8_float_layers_of(export_spec, report) if variant == "int8" else (),
                     fold_input=export_spec.int8_fold_input, float_tail=export_spec.int8_float_tail,
-                    float16_arithmetic=export_spec.float16_arithmetic)
+                    float16_arithmetic=export_spec.float16_arithmetic, equalize=export_spec.equalize,
+                    bias_correction=export_spec.correct_bias)
             except Exception as failure:  # noqa: BLE001  (any converter failure is reported per variant)
                 error = str(export.conversion_failure(variant, failure))
             else:

@@ -155,9 +155,10 @@ def _finite(value) -> bool:
 
 def tradeoff_figure(points: list[dict], path, title: str = "mIoU against latency and size") -> Path:
     """Two panels: mIoU (%) against latency (ms, left) and against size (KB, right), one labelled point per
-    artifact (``name``, ``miou`` in %, ``latency_ms``, ``size_bytes``, optional ``baseline``). A baseline is a
-    star with a dashed line at its mIoU. A point without a finite latency (or size) is left off that panel.
-    Points of the same name share a colour."""
+    artifact (``name``, ``miou`` in %, ``latency_ms``, ``size_bytes``, optional ``baseline`` and ``pareto``). A
+    baseline is a star with a dashed line at its mIoU; a point on the Pareto front (``pareto``: no other point
+    beats it on all of mIoU, latency and size) has a red ring. A point without a finite latency (or size) is left
+    off that panel. Points of the same name share a colour."""
     names = list(dict.fromkeys(p["name"] for p in points))
     colours = {name: matplotlib.colormaps["tab10"](k % 10) for k, name in enumerate(names)}
     fig = Figure(figsize=(12, 4.8), layout="constrained")
@@ -168,8 +169,9 @@ def tradeoff_figure(points: list[dict], path, title: str = "mIoU against latency
         for p in drawn:
             x, y = float(p[key]) * scale, float(p["miou"])
             baseline = bool(p.get("baseline", False))
+            front = bool(p.get("pareto", False))
             ax.scatter(x, y, s=150 if baseline else 45, marker="*" if baseline else "o", color=colours[p["name"]],
-                       edgecolors="black", linewidths=0.5, zorder=3)
+                       edgecolors="red" if front else "black", linewidths=2 if front else 0.5, zorder=3)
             ax.annotate(p["name"], (x, y), fontsize=8, xytext=(5, 4), textcoords="offset points")
             if baseline:
                 ax.axhline(y, color=colours[p["name"]], linestyle="--", linewidth=1,
@@ -179,11 +181,42 @@ def tradeoff_figure(points: list[dict], path, title: str = "mIoU against latency
                     ha="center", va="center", color="grey")
             ax.set_xticks([])
             ax.set_yticks([])
-        if any(p.get("baseline") for p in drawn):
+        if any(p.get("pareto") for p in drawn):
+            ax.scatter([], [], s=45, facecolors="none", edgecolors="red", linewidths=2,
+                       label="Pareto front (mIoU, latency, size)")
+        if any(p.get("baseline") or p.get("pareto") for p in drawn):
             ax.legend(fontsize=8, loc="lower right")
         ax.set_xlabel(label)
         ax.set_ylabel("mIoU (%)")
         ax.margins(0.15)
         ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def accuracy_control_figure(rows: list[dict], baseline: float, max_drop: float, path,
+                            title: str = "int8 accuracy control") -> Path:
+    """The accuracy-controlled int8 search's curve: mIoU (%) against the number of layers kept in float (left,
+    with the float baseline and the budget), and 1-thread latency (ms) with the float file's beside it (right,
+    each point labelled with its XNNPACK partitions). ``rows``: ``float_layers``, ``miou``, ``latency_ms``,
+    ``float_latency_ms``, ``xnnpack_partitions``."""
+    rows = sorted(rows, key=lambda row: row["float_layers"])
+    x = [row["float_layers"] for row in rows]
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.plot(x, [row["miou"] for row in rows], "o-", label="int8")
+    left.axhline(baseline, color="black", linestyle="--", linewidth=1, label=f"float ({baseline:.2f})")
+    left.axhline(baseline - max_drop, color="red", linestyle=":", linewidth=1, label=f"budget (-{max_drop})")
+    left.set_ylabel("mIoU (%)")
+    right.plot(x, [row["latency_ms"] for row in rows], "o-", label="int8")
+    right.plot(x, [row["float_latency_ms"] for row in rows], "s--", color="black", label="float (same runs)")
+    for row in rows:
+        right.annotate(f"{row['xnnpack_partitions']}p", (row["float_layers"], row["latency_ms"]), fontsize=7,
+                       xytext=(3, 3), textcoords="offset points")
+    right.set_ylabel("latency, 1 thread (ms)")
+    for ax in (left, right):
+        ax.set_xlabel("worst layers kept in float")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from deeplabq import conversion_process, evaluation, export, figures, tracking
+from deeplabq import conversion_process, evaluation, export, figures, int8_control, tracking
 from deeplabq import data as data_lib
 from deeplabq.config import ExportSpec, QuantSpec, RunSpec
 from deeplabq.console import native_output, progress
@@ -118,12 +118,25 @@ def export_and_measure(spec: RunSpec, output_dir: Path, variants: list[str], *, 
     check_count = min(int(spec.export.agreement_images), len(eval_split))
     check_images = [data_lib.preprocess_for_eval(eval_split.load(i)[0], None, spec.dataset)[0]
                     for i in range(check_count)]
-    representative = (calibration_images(spec.quant, spec.dataset, train_split, output_dir) if "int8" in variants
-                      else None)
+    representative = (calibration_images(spec.quant, spec.dataset, train_split, output_dir)
+                      if set(export.CALIBRATED) & set(variants) else None)
+    if representative is not None:  # what the int8 / int16x8 files were converted from (null keys: per_channel)
+        corrections = [name for name, on in (("cross_layer_equalization", spec.export.equalize),
+                                             ("bias_correction", spec.export.correct_bias)) if on]
+        mlflow.set_tag("deeplabq.ptq_corrections", ",".join(corrections) or "none")
+    failures = []
+    if "int8" in variants and float_model is not None and spec.export.int8_max_drop is not None:
+        try:  # the float layers of the int8 file, chosen by measuring candidates against the budget
+            spec = int8_control.with_controlled_float_layers(spec, output_dir, float_model, representative, eval_split)
+        except export.ExportError as error:
+            print(f"error: {error}")
+            mlflow.set_tag("deeplabq.export_error.int8", str(error)[:5000])
+            failures.append(str(error))
+            variants = [variant for variant in variants if variant != "int8"]
     tflite_dir = output_dir / "tflite"
     sources = {variant: qat_model if variant == "qat_int8" else float_model for variant in variants}
     converted = (convert_in_child(spec, sources, representative) if spec.export.isolate_conversion else {})
-    metrics, failures = {}, []
+    metrics = {}
     for variant in progress(variants, desc="export", unit="file"):
         source = sources[variant]
         path = tflite_dir / f"{variant}.tflite"
@@ -242,11 +255,15 @@ def summary_table(metrics: dict[str, float], threads: list[int]) -> str:
         lat = [metrics.get(f"{v}/latency_ms_t{t}", float("nan")) for t in threads]
         speed = ["" if base is None else f"{metrics[f'{base}/latency_ms_t{t}'] / lat_t:.2f}x"
                  for t, lat_t in zip(threads, lat, strict=True)]
-        rows.append([v + (" *" if v == shipped else ""), f"{miou:.2f}", delta,
+        slow = " †" if metrics.get(f"{v}/xnnpack_partitions") == 0 else ""  # no XNNPACK: TFLite's own kernels
+        rows.append([v + (" *" if v == shipped else "") + slow, f"{miou:.2f}", delta,
                      f"{metrics[f'{v}/size_bytes'] / 1024:.1f}", *[f"{x:.2f}" for x in lat], *speed])
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
+    if any(metrics.get(f"{v}/xnnpack_partitions") == 0 for v in variants):
+        lines.append("† no op runs in XNNPACK (e.g. int16x8: XNNPACK has no 16-bit kernels): timed on TFLite's "
+                     "own kernels")
     if shipped:
         lines.append(f"* shipped: tflite/{shipped}.tflite (its metrics are also logged as deploy/*)")
     return "\n".join(lines)

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from deeplabq import figures, mlflow_view, tracking
 from deeplabq.errors import UserError
+from deeplabq.pareto import pareto_front
 
 # Runs with equal values of these params are comparable: the float run among them is the baseline.
 FLOAT_TAG = "deeplabq.deploy_artifact"  # a run that ships its float file is a float baseline
@@ -81,8 +82,8 @@ def summarize(client: MlflowClient, parent) -> tuple[str, list[dict], object | N
                                   order_by=["attributes.start_time ASC"])
     baselines = float_baselines(client, parent.info.experiment_id, children)
     rows = ["| job | status | mode | delay | dm | ships | deploy mIoU (%) | Δ vs float | size (KB) | "
-            "latency 1t / 2t (ms) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    points = []
+            "latency 1t / 2t (ms) | Pareto |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    points, row_runs = [], []
     for child, label in zip(children, _label([c.info.run_name for c in children]), strict=True):
         m, p = child.data.metrics, child.data.params
         base = baselines.get(_key(child))
@@ -94,6 +95,7 @@ def summarize(client: MlflowClient, parent) -> tuple[str, list[dict], object | N
                  _cell(delta, "+.2f"), _cell(m.get("deploy/size_bytes", math.nan) / 1024, ".0f"),
                  f"{_cell(m.get('deploy/latency_ms_t1'), '.2f')} / {_cell(m.get('deploy/latency_ms_t2'), '.2f')}"]
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
+        row_runs.append(child.info.run_id)
         if child.info.status == "FINISHED" and "deploy/miou" in m:
             points.append({"name": label, "miou": m["deploy/miou"], "size_bytes": m.get("deploy/size_bytes"),
                            "latency_ms": m.get("deploy/latency_ms_t1", math.nan), "run": child})
@@ -105,9 +107,22 @@ def summarize(client: MlflowClient, parent) -> tuple[str, list[dict], object | N
                            "baseline": True})
         else:
             next(p for p in points if p.get("run") is base)["baseline"] = True
+    rows[2:] = mark_pareto(points, rows[2:], row_runs)
     finished = [c for c in children if c.info.status == "FINISHED" and "deploy/miou" in c.data.metrics]
     best = max(finished, key=lambda c: c.data.metrics["deploy/miou"], default=None)
     return "\n".join(rows), points, best
+
+
+def mark_pareto(points: list[dict], rows: list[str], row_runs: list[str]) -> list[str]:
+    """Set ``point["pareto"]`` for every trade-off point (the jobs and the float baseline: deploy mIoU, 1-thread
+    latency, size; deeplabq.pareto); return the jobs' ``rows`` (of runs ``row_runs``) with their last column:
+    ✓ on the front."""
+    for point, on_front in zip(points, pareto_front(
+            [{"miou": p["miou"], "latency_t1": p.get("latency_ms"), "size_bytes": p.get("size_bytes")}
+             for p in points]), strict=True):
+        point["pareto"] = on_front
+    front = {p["run"].info.run_id for p in points if p["pareto"] and "run" in p}
+    return [row + (" ✓ |" if run_id in front else "  |") for row, run_id in zip(rows, row_runs, strict=True)]
 
 
 class MlflowSweepCallback(Callback):

@@ -42,6 +42,7 @@ from deeplabq.quantization.conversion import (
     int8_layer_errors,
     layer_of_tensor,
     ptq_int8_tflite,
+    ptq_int16x8_tflite,
     qat_to_tflite,
     tflite_converter,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "op_histogram",
     "prepare_for_int8",
     "ptq_int8_tflite",
+    "ptq_int16x8_tflite",
     "qat_to_tflite",
     "quantize_model",
     "quantize_scope",

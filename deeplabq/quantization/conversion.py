@@ -93,7 +93,7 @@ def qat_to_tflite(qat_model: keras.Model, *, input_type: str = "uint8", output: 
 
 
 def _ptq_converter(float_model: keras.Model, images: list[np.ndarray], *, per_channel: bool, input_type: str,
-                   output: str) -> tf.lite.TFLiteConverter:
+                   output: str, ops=(tf.lite.OpsSet.TFLITE_BUILTINS_INT8,)) -> tf.lite.TFLiteConverter:
     def representative_dataset():
         for image in images:
             yield [image if image.ndim == 4 else image[None]]
@@ -101,7 +101,7 @@ def _ptq_converter(float_model: keras.Model, images: list[np.ndarray], *, per_ch
     converter = tflite_converter(prepare_for_int8(float_model), output)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative_dataset
-    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.target_spec.supported_ops = list(ops)
     converter._experimental_disable_per_channel = not per_channel
     _set_io_types(converter, input_type, output)
     return converter
@@ -144,6 +144,23 @@ def ptq_int8_tflite(
             calibrated, disable_per_channel=not per_channel, input_data_type=converter.inference_input_type,
             output_data_type=converter.inference_output_type,
             denylisted_nodes=_tensors_of_layers(calibrated, float_layers))
+
+
+def ptq_int16x8_tflite(float_model: keras.Model, representative_images: Iterable, *, per_channel: bool = True,
+                       output: str = "labels") -> bytes:
+    """16x8 post-training quantized TFLite: int16 activations, int8 weights (TFLite's
+    ``EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8``), calibrated like :func:`ptq_int8_tflite`.
+
+    Input and output stay float32: 16x8 has no uint8 input, so the first op is a QUANTIZE float -> int16.
+    ARG_MAX has no 16x8 kernel, so ``output="labels"`` falls back to a float ARG_MAX after a DEQUANTIZE
+    (``TFLITE_BUILTINS`` is allowed for ops without a 16x8 version). XNNPACK runs no int16 op: the whole file
+    runs on TFLite's own kernels, so its latency is that of the reference path, not of an accelerated one.
+    """
+    images = [np.asarray(image, np.float32) for image in representative_images]
+    converter = _ptq_converter(float_model, images, per_channel=per_channel, input_type="float32", output=output,
+                               ops=(tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
+                                    tf.lite.OpsSet.TFLITE_BUILTINS))
+    return _convert(converter)
 
 
 def layer_of_tensor(tensor_name: str) -> str:

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from deeplabq import tracking
 from deeplabq.errors import ConfigError, InputNotFoundError, UserError
 from deeplabq.evaluation import artifacts_in, interleaved_latency
+from deeplabq.pareto import pareto_front
 
 ROOT = Path(__file__).resolve().parents[2]  # the project root
 RECIPES = {
@@ -29,8 +30,11 @@ RECIPES = {
                "qat_delayed": "camvid_qat_delayed"},
     # the same stages fine-tuned from the model-zoo PASCAL VOC checkpoint (dm 0.5 only)
     "camvid_pascal": {"float": "camvid_pascal_float", "ptq": "camvid_pascal_ptq",
-                      "qat_finetune": "camvid_pascal_qat_finetune", "qat_delayed": "camvid_pascal_qat_delayed"},
+                      "qat_finetune": "camvid_pascal_qat_finetune", "qat_delayed": "camvid_pascal_qat_delayed",
+                      "ptq_per_tensor": "camvid_pascal_ptq_per_tensor", "ptq_16x8": "camvid_pascal_ptq16x8"},
 }
+# the stages that start from the float stage's checkpoint
+FROM_FLOAT_STAGES = ("ptq", "qat_finetune", "ptq_per_tensor", "ptq_16x8")
 # recipes that start from a checkpoint of one width
 RECIPE_DEPTH_MULTIPLIERS = {"camvid_pascal": (0.5,)}
 BACKBONES = {0.5: "mnv2_dm050", 1.0: "mnv2_dm100"}
@@ -43,7 +47,7 @@ def default_out_dir(recipe: str) -> Path:
 
 
 def _stage_overrides(stage: str, float_dir: Path, tracking_uri: str) -> list[str]:
-    float_checkpoint = [f"quant.float_checkpoint={float_dir}"] if stage in ("ptq", "qat_finetune") else []
+    float_checkpoint = [f"quant.float_checkpoint={float_dir}"] if stage in FROM_FLOAT_STAGES else []
     return [f"tracking.tracking_uri={tracking_uri}", *float_checkpoint]
 
 
@@ -75,7 +79,7 @@ def results_rows(stage_metrics: dict[str, dict], dm: float, stage_dirs: dict[str
     later = {k.split("/")[0] for stage, m in stage_metrics.items() if stage != "float" for k in m}
     for stage, metrics in stage_metrics.items():
         artifacts = sorted(artifacts_in(metrics),
-                           key=lambda a: ("float", "float16", "dynamic_range", "int8", "qat_int8").index(a))
+                           key=lambda a: ("float", "float16", "dynamic_range", "int8", "int16x8", "qat_int8").index(a))
         skip = {"float"} if stage != "float" else later - {"float"}
         artifacts = [a for a in artifacts if a not in skip]
         for artifact in artifacts:
@@ -107,15 +111,23 @@ def remeasure_latency(rows: list[dict], threads=(1, 2), runs: int = 30) -> None:
             row[f"speedup_t{count}"] = base[f"latency_t{count}"] / row[f"latency_t{count}"]
 
 
+def mark_pareto(rows: list[dict]) -> None:
+    """``row["pareto"]``: no other artifact of the table has a higher-or-equal mIoU, a lower-or-equal 1-thread
+    latency and a smaller-or-equal size, with one of them strictly better (deeplabq.pareto)."""
+    for row, on_front in zip(rows, pareto_front(rows), strict=True):
+        row["pareto"] = on_front
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| dm | artifact | mIoU (val) | Δ vs float | size | latency 1t (ms) | latency 2t (ms) "
-             "| speed-up 1t / 2t | stage time (min) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| speed-up 1t / 2t | stage time (min) | Pareto |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         kib = r["size_bytes"] / 1024
         size = f"{kib:.0f} KB" if kib < 1024 else f"{kib / 1024:.2f} MB"
         lines.append(f"| {r['dm']} | {r['artifact']} | {r['miou']:.2f} | {r['delta']:+.2f} | {size} "
                      f"| {r['latency_t1']:.1f} | {r['latency_t2']:.1f} "
-                     f"| {r['speedup_t1']:.2f}x / {r['speedup_t2']:.2f}x | {r['stage_time_min']:.1f} |")
+                     f"| {r['speedup_t1']:.2f}x / {r['speedup_t2']:.2f}x | {r['stage_time_min']:.1f} "
+                     f"| {'✓' if r.get('pareto') else ''} |")
     return "\n".join(lines)
 
 
@@ -127,11 +139,20 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in ((axes[0], "latency_t1", "latency, 1 thread (ms)"), (axes[1], "size_bytes", "size (KB)")):
+        front = []
         for r in rows:
             x = r[key] / 1024 if key == "size_bytes" else r[key]
-            ax.scatter(x, r["miou"], marker="o" if r["dm"] == 0.5 else "s")
+            ax.scatter(x, r["miou"], marker="o" if r["dm"] == 0.5 else "s", s=60 if r.get("pareto") else 25,
+                       edgecolors="red" if r.get("pareto") else "none", linewidths=1.5, zorder=3)
             ax.annotate(f"{r['artifact']} dm{r['dm']}", (x, r["miou"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
+            if r.get("pareto"):
+                front.append((x, r["miou"]))
+        if front:
+            ax.scatter([], [], s=60, facecolors="none", edgecolors="red", label="Pareto front (mIoU, latency 1t, size)")
+            ax.legend(fontsize=7, loc="lower right")
+        if key == "latency_t1" and max(r[key] for r in rows) > 10 * min(r[key] for r in rows):
+            ax.set_xscale("log")  # e.g. a 16x8 file on TFLite's reference kernels, 50x the others
         ax.set_xlabel(label)
         ax.set_ylabel("mIoU on val (%)")
         ax.grid(alpha=0.3)
@@ -179,6 +200,7 @@ def run_comparison(recipe: str, depth_multipliers: list[float], overrides: list[
             rows += results_rows(stage_metrics, dm, stage_dirs)
         print("[compare] timing every artifact again, interleaved in one process", flush=True)
         remeasure_latency(rows)
+        mark_pareto(rows)
         table = markdown_table(rows)
         (docs_dir / f"{recipe}_results.md").parent.mkdir(parents=True, exist_ok=True)
         (docs_dir / f"{recipe}_results.md").write_text(table + "\n")

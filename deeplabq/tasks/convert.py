@@ -10,7 +10,7 @@ import mlflow
 from omegaconf import DictConfig
 
 from deeplabq import data as data_lib
-from deeplabq import reporting, sources, tracking
+from deeplabq import export, reporting, sources, tracking
 from deeplabq.config import RunSpec
 from deeplabq.errors import ConfigError, SourceError
 from deeplabq.export import VARIANTS
@@ -40,7 +40,7 @@ def convert(cfg: DictConfig, output_dir) -> dict[str, float]:
         spec = RunSpec.from_config(cfg)
         spec.validate()
         train_split = data_lib.open_split(spec.dataset, spec.dataset.train_split)
-        if "int8" in cfg.variants:
+        if set(export.CALIBRATED) & set(cfg.variants):
             reporting.check_calibration_count(spec.quant, train_split)
         eval_split = data_lib.open_split(spec.dataset, spec.eval.split)
         if cfg.get("check_data", True):

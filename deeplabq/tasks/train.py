@@ -9,7 +9,7 @@ import tf_keras as keras
 from omegaconf import DictConfig
 
 from deeplabq import data as data_lib
-from deeplabq import distribute, quant_modes, reporting, tracking
+from deeplabq import distribute, export, quant_modes, reporting, tracking
 from deeplabq.model import build_deeplab
 
 
@@ -37,7 +37,7 @@ def _train(cfg: DictConfig, output_dir: Path, chief: bool) -> dict[str, float]:
     if cfg.get("check_data", True):  # every file, before step 1: a bad eval image must not waste the run
         data_lib.check_files(train_split, eval_split)
     plan = mode.export_plan(spec)
-    if "int8" in plan.variants:
+    if set(export.CALIBRATED) & set(plan.variants):
         reporting.check_calibration_count(spec.quant, train_split)
     context = quant_modes.TrainContext(spec, output_dir, train_split)
     if distribute.is_plain(spec.train):
