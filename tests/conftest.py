@@ -157,4 +157,4 @@ def start_test_run(tmp_path: Path):
 def pytest_collection_modifyitems(session, config, items):
     """The README's commands (the longest file, one sandbox) first: with two workers (``bash dev.sh test``
     runs ``-n 2 --dist loadfile``), one worker runs them while the other runs every other file."""
-    items.sort(key=lambda item: item.nodeid.split("::")[0] != "tests/test_readme.py")
+    items.sort(key=lambda item: not item.nodeid.split("::")[0].startswith("tests/test_readme"))
