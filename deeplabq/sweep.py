@@ -25,7 +25,7 @@ from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from deeplabq import figures, mlflow_view, tracking
+from deeplabq import cli, figures, mlflow_view, tracking
 
 # Runs with equal values of these params are comparable: the float run among them is the baseline.
 FLOAT_TAG = "deeplabq.deploy_artifact"  # a run that ships its float file is a float baseline
@@ -144,6 +144,8 @@ class MlflowSweepCallback(Callback):
             failed = True
         finally:
             client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+            if failed:
+                cli.mark_sweep_failed()  # the command exits 2
 
     def _summarize(self, client: MlflowClient, parent) -> bool:
         """Log the summary, the figure and the best child on the parent and print them; True if a job failed."""
