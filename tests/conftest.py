@@ -3,6 +3,7 @@ import deeplabq  # noqa: F401, I001
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -84,6 +85,31 @@ def compose_config(tmp_path: Path, overrides=(), config_name: str = "train", out
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)
+
+
+# The tiny float run that several files start from (PTQ, QAT fine-tune, convert, evaluate, mismatches).
+TINY_FLOAT_RUN = [*TINY, "train.steps=24", "train.learning_rate=0.05", "export.ptq_variants=[dynamic_range]"]
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished training run: its folder, its MLflow store and run id, and the metrics train() returned."""
+
+    path: Path
+    store: str
+    run_id: str
+    metrics: dict
+
+
+@pytest.fixture(scope="session")
+def tiny_float_run(tmp_path_factory) -> FinishedRun:
+    """TINY_FLOAT_RUN trained once per test process (shared: add runs to its store only by run id, never
+    change its folder)."""
+    from deeplabq.tasks.train import train
+
+    tmp_path = tmp_path_factory.mktemp("tiny_float_run")
+    metrics = train(compose_config(tmp_path, TINY_FLOAT_RUN), tmp_path / "run")
+    return FinishedRun(tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}", run_id_of(tmp_path / "run"), metrics)
 
 
 def only_run(tmp_path: Path, status: str | None = None):
