@@ -3,6 +3,7 @@ import deeplabq  # noqa: F401, I001
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,9 +68,25 @@ def tiny_folder_overrides(root: Path) -> list[str]:
             "dataset.num_classes=3"]
 
 
+_STORE_TEMPLATE: list[Path] = []
+
+
+def fresh_store(path: Path) -> Path:
+    """An empty sqlite MLflow store at ``path`` (unless one is there): a copy of one made once per process, as
+    creating the tables takes seconds (more on a loaded machine) and nearly every test needs a store."""
+    if not path.exists():
+        if not _STORE_TEMPLATE:
+            template = Path(tempfile.mkdtemp(prefix="deeplabq-store-template-")) / "mlflow.db"
+            MlflowClient(f"sqlite:///{template}").search_experiments()
+            _STORE_TEMPLATE.append(template)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(_STORE_TEMPLATE[0], path)
+    return path
+
+
 def compose_config(tmp_path: Path, overrides=(), config_name: str = "train", output: str = "run"):
     """A composed config whose outputs and MLflow store (sqlite) live under tmp_path."""
-    store = tmp_path / "mlflow.db"
+    store = fresh_store(tmp_path / "mlflow.db")
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         return compose(
             config_name,
@@ -155,19 +172,10 @@ def tiny_float_tflite(tiny_model) -> bytes:
     return float_tflite(tiny_model)
 
 
-@pytest.fixture(scope="session")
-def empty_mlflow_db(tmp_path_factory) -> Path:
-    """A sqlite MLflow store with its tables created (which takes seconds), to copy per test."""
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def mlflow_store(tmp_path, empty_mlflow_db) -> str:
+def mlflow_store(tmp_path) -> str:
     """An empty sqlite store at tmp_path/mlflow.db (where compose_config points), made the tracking URI."""
-    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{fresh_store(tmp_path / 'mlflow.db')}"
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run() is not None:

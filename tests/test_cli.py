@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import ROOT, TINY, make_bad_folder_dataset, tiny_folder_overrides
+from .conftest import ROOT, TINY, fresh_store, make_bad_folder_dataset, tiny_folder_overrides
 
 TINY_EVAL = [o for o in TINY if not o.startswith("train.")]  # evaluate.py / convert.py have no train group
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def run_cli(script: str, tmp_path, *overrides, expect: int = 0, output: str = "run"):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = f"sqlite:///{fresh_store(tmp_path / 'mlflow.db')}"
     multirun = "-m" in overrides
     overrides = [o for o in overrides if o != "-m"]
     args = [sys.executable, str(ROOT / script), *(["-m"] if multirun else []), f"tracking.tracking_uri={store}",
