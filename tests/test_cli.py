@@ -56,8 +56,8 @@ def bad_input(case: str, tmp_path: Path, float_run) -> BadInput:
     if case == "checkpoint_mismatch":
         return BadInput("train.py", [*TINY, "quant=ptq", "backbone=mnv2_dm100",
                                      f"quant.float_checkpoint={float_run.path}"],
-                        "quant.float_checkpoint=checkpoint ",
-                        also_says=["its run has backbone.depth_multiplier=0.5 (this config: 1.0)"])
+                        "quant.float_checkpoint=checkpoint ",  # a run folder outside this store: no run config
+                        also_says=["hint: the run's model was built with another architecture"])
     if case == "export_fails":
         return BadInput("train.py", [*TINY, "quant=ptq", "quant.scheme=int8",
                                      f"quant.float_checkpoint={float_run.path}", "export.int8_debug_images=0",
@@ -66,7 +66,7 @@ def bad_input(case: str, tmp_path: Path, float_run) -> BadInput:
     if case == "truncated_tflite":
         broken = tmp_path / "broken.tflite"
         broken.write_bytes(b"TFL3" + b"\0" * 100)
-        return BadInput("evaluate.py", [*TINY_EVAL, f"source={broken}"], f"TFLite file {broken} is not a loadable")
+        return BadInput("evaluate.py", [*TINY_EVAL, f"source={broken}"], "broken.tflite is not a loadable TFLite model")
     if case == "unknown_run_id":
         return BadInput("evaluate.py", [*TINY_EVAL, "source=0123456789abcdef0123456789abcdef"],
                         "MLflow run '0123456789abcdef0123456789abcdef' does not exist", statuses=[])
