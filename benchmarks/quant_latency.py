@@ -9,10 +9,12 @@ median of ``--runs`` invokes after ``--warmup``, per thread count. Weights are r
 depend on them); BN statistics and fake-quant ranges are calibrated on random 0..255 images, so the
 activation scales are realistic.
 
-Rows: ``float`` = float32 TFLite of the model as built (float 0..255 in), ``int8`` = calibrated QAT model
-through :func:`deeplabq.quantization.qat_to_tflite` (uint8 in); both output the int32 label map (ArgMax
-in the graph). ``--naive`` adds the exports the culprits were found with: the converter's PTQ of the
-unmodified float model, and tfmot's default QAT with output-only configs for the layers it does not know.
+Rows: ``float`` = float32 TFLite of the model as built (float 0..255 in), ``int8 converter`` = calibrated QAT
+model through :func:`deeplabq.quantization.qat_to_tflite` (uint8 in), ``int8`` = that file with the deploy-graph
+rewrites deeplabq exports by default (:func:`deeplabq.quantization.optimize_int8`: input normalization folded
+into the uint8 input, resize and ArgMax in float); all output the int32 label map (ArgMax in the graph).
+``--naive`` adds the exports the culprits were found with: the converter's PTQ of the unmodified float model,
+and tfmot's default QAT with output-only configs for the layers it does not know.
 ``--io`` compares output and input variants on the first model. ``--gemm`` measures XNNPACK's int8 and
 float32 throughput on one large 1x1 convolution (the ceiling for any int8 speed-up on this CPU).
 """
@@ -29,12 +31,17 @@ import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 import tf_keras as keras
 
+from op_profile import side_by_side  # noqa: I001  (benchmarks/ is the script's folder)
+
+from deeplabq import profiling
 from deeplabq import quantization as Q
 from deeplabq.quantization import conversion
 from deeplabq.evaluation import interleaved_latency
 from deeplabq.model import DeepLabSpec, ResizeBilinear, build_deeplab
+from deeplabq.tracking import cpu_features
 
 MODELS = {
+    "v3_dm05_camvid": DeepLabSpec(num_classes=11, crop_size=(193, 257), depth_multiplier=0.5, output_stride=16),
     "v3_dm05_257_os16": DeepLabSpec(num_classes=21, crop_size=(257, 257), depth_multiplier=0.5, output_stride=16),
     "v3_dm05_257_os8": DeepLabSpec(num_classes=21, crop_size=(257, 257), depth_multiplier=0.5, output_stride=8),
     "v3_dm10_513_os16": DeepLabSpec(num_classes=21, crop_size=(513, 513), depth_multiplier=1.0, output_stride=16),
@@ -108,7 +115,8 @@ def benchmark_model(name: str, spec: DeepLabSpec, args) -> list[dict]:
     files = {"float": Q.float_tflite(model)}
     qat = Q.quantize_model(model)
     Q.calibrate_activation_ranges(qat, [calibration[i : i + 1] for i in range(len(calibration))])
-    files["int8"] = Q.qat_to_tflite(qat)
+    files["int8 converter"] = Q.qat_to_tflite(qat)
+    files["int8"] = Q.optimize_int8(files["int8 converter"])[0]  # what deeplabq ships: deploy_graph's rewrites
     if args.naive:
         files["int8 naive PTQ"] = naive_ptq(model, calibration)
         files["int8 naive QAT"] = naive_qat_tflite(model, [calibration[i : i + 1] for i in range(len(calibration))])
@@ -136,6 +144,11 @@ def benchmark_model(name: str, spec: DeepLabSpec, args) -> list[dict]:
                     "size_ratio": len(files[file_name]) / len(files["float"]),
                 }
             )
+    if args.profile:
+        for threads in args.threads:
+            profiles = {file_name: profiling.profile_ops(tflite, threads=threads, runs=args.runs)
+                        for file_name, tflite in files.items()}
+            print(f"\n    per-op profile, {threads} thread(s), ms by op type:\n{side_by_side(profiles)}", flush=True)
     if args.io and name == args.models[0]:
         io_variants(model, qat, args)
     return rows
@@ -231,11 +244,13 @@ def main() -> None:
     parser.add_argument("--io", action="store_true", help="input/output variants on the first model")
     parser.add_argument("--gemm", action="store_true", help="int8 vs float32 GEMM throughput of XNNPACK")
     parser.add_argument("--train-step", action="store_true", help="fake-quant vs float train step, 257, batch 2")
+    parser.add_argument("--profile", action="store_true", help="also each file's per-op profile (op_profile.py)")
     parser.add_argument("--save", metavar="DIR", help="write every TFLite file measured to DIR")
     args = parser.parse_args()
     print(
-        f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, TF {tf.__version__}, "
-        f"deeplabq {deeplabq.__version__}, runs {args.runs}, warmup {args.warmup}"
+        f"{platform.machine()}, CPU features {cpu_features()}, {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.1f}, TF {tf.__version__}, deeplabq {deeplabq.__version__}, "
+        f"runs {args.runs}, warmup {args.warmup}"
     )
 
     rows = []

@@ -15,6 +15,12 @@ One process measures everything, so the ratios are comparable:
 
     .venv/bin/python benchmarks/train_throughput.py            # ~8-10 min on 2 cores
     .venv/bin/python benchmarks/train_throughput.py --steps 4 --warmup 1 --skip-tflite
+    .venv/bin/python benchmarks/train_throughput.py --mixed-precision mixed_bfloat16 --crop 257 --batch-size 4
+
+``--mixed-precision POLICY`` replaces part 1: two trainers of the same model, one float32 and one in POLICY
+(``train.mixed_precision``), take the same cached batches in alternating blocks (float32 first, then POLICY
+first, ...) in one process, so load drift hits both alike; ``ratio`` = POLICY img/s / float32 img/s. The CPU
+flags that bfloat16 speed depends on (avx512_bf16, amx_bf16; oneDNN) are printed with the machine.
 
 Exits 1 if CamVid is missing, 2 if a TFLite model contains SPACE_TO_BATCH_ND.
 """
@@ -31,6 +37,7 @@ import time
 from pathlib import Path
 
 import deeplabq  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+from deeplabq.tracking import cpu_features
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
@@ -105,14 +112,27 @@ def machine_description() -> list[tuple[str, str]]:
     return [
         ("nproc", f"{usable} (os.cpu_count {os.cpu_count()})"),
         ("cpu", cpu),
+        ("cpu features", cpu_features()),  # what int8 and bf16 speed depend on
         ("memory", mem),
         ("python", platform.python_version()),
         ("tensorflow", tf.__version__),
         ("ai-edge-litert", litert),
         ("load average", f"{load_average()} (1/5/15 min, at start; other processes share the cores)"),
+        ("cpu flags", cpu_flags()),
         ("tf threads", f"intra {tf.config.threading.get_intra_op_parallelism_threads() or 'default'}, "
                        f"inter {tf.config.threading.get_inter_op_parallelism_threads() or 'default'}"),
     ]
+
+
+def cpu_flags() -> str:
+    """The flags mixed-precision and int8 speed depend on, as /proc/cpuinfo lists them."""
+    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni", "avx512_fp16")
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)")
+    return f"{' '.join(f for f in wanted if f in flags) or 'none'}; TF_ENABLE_ONEDNN_OPTS={onednn}"
 
 
 def open_camvid_or_exit(cfg):
@@ -252,12 +272,85 @@ def measure_training(depth_multiplier: float, args, batch_size: int) -> dict:
     return result
 
 
+def measure_precision(depth_multiplier: float, args, batch_size: int) -> dict:
+    """float32 against ``args.mixed_precision``: the same model and cached batches, steps in alternating blocks."""
+    import dataclasses
+
+    import numpy as np
+    import tf_keras as keras
+
+    from deeplabq import data as data_lib
+    from deeplabq.config import TrainSpec
+    from deeplabq.model import build_deeplab, spec_from_config
+    from deeplabq.training import Trainer, configure_batch_norm
+
+    cfg = compose_config(depth_multiplier, args.crop, args.camvid_root)
+    split = open_camvid_or_exit(cfg)
+    spec = TrainSpec.from_config(cfg)
+    trainers = {}
+    for policy in ("float32", args.mixed_precision):
+        keras.utils.set_random_seed(int(cfg.seed))
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            model = build_deeplab(spec_from_config(cfg))
+            configure_batch_norm(model, bool(cfg.train.fine_tune_batch_norm), float(cfg.train.batch_norm_decay))
+            mixed = None if policy == "float32" else policy
+            trainers[policy] = Trainer(model, dataclasses.replace(spec, mixed_precision=mixed),
+                                       int(cfg.dataset.ignore_label), 0)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+    log(f"dm {depth_multiplier} b{batch_size}: caching {args.warmup + args.steps} batches")
+    cached = data_lib.cached_pipeline(split, cfg.dataset, training=True, batch_size=batch_size,
+                                      num_batches=args.warmup + args.steps, seed=int(cfg.seed))
+    sources = {policy: data_lib.iterate(cached) for policy in trainers}
+    for policy, trainer in trainers.items():
+        log(f"{policy}: warm-up {args.warmup} step(s) (includes tracing)")
+        _timed_steps(trainer, sources[policy], args.warmup, "warm-up", 0, args.warmup)
+    steps = {policy: [] for policy in trainers}
+    for index, first in enumerate(range(0, args.steps, args.block)):
+        count = min(args.block, args.steps - first)
+        order = list(trainers) if index % 2 == 0 else list(reversed(trainers))
+        for policy in order:
+            steps[policy] += _timed_steps(trainers[policy], sources[policy], count, policy[:8], first, args.steps)
+    result = {"depth_multiplier": depth_multiplier, "batch_size": batch_size}
+    for policy, records in steps.items():
+        images = sum(r["images"] for r in records)
+        result[f"{policy}_ips"] = images / sum(r["wall"] for r in records)
+        result[f"{policy}_step_s"] = float(np.median([r["wall"] for r in records]))
+        result[f"{policy}_cpu_per_image"] = sum(r["cpu"] for r in records) / images
+    mixed = args.mixed_precision
+    result["ratio"] = result[f"{mixed}_ips"] / result["float32_ips"]
+    result["ratio_median"] = result["float32_step_s"] / result[f"{mixed}_step_s"]
+    result["ratio_cpu"] = result["float32_cpu_per_image"] / result[f"{mixed}_cpu_per_image"]
+    del trainers, sources, cached
+    keras.backend.clear_session()
+    gc.collect()
+    return result
+
+
+def precision_report(machine, results, args, runtime: float) -> str:
+    mixed = args.mixed_precision
+    out = ["", "=" * 100, "Machine", *(f"  {key:<15} {value}" for key, value in machine), "",
+           f"Training float32 vs {mixed}: DeepLabv3 MobileNetV2, OS 16, crop {args.crop}x{args.crop}, cached CamVid "
+           f"batches, {args.steps} timed steps each after {args.warmup} warm-up, alternating every {args.block}"]
+    rows = [[f"{r['depth_multiplier']:.1f}", str(r["batch_size"]), f"{r['float32_ips']:.3f}",
+             f"{r[f'{mixed}_ips']:.3f}",
+             f"{r['ratio']:.3f}", f"{r['ratio_median']:.3f}", f"{r['ratio_cpu']:.3f}", f"{r['float32_step_s']:.2f}",
+             f"{r[f'{mixed}_step_s']:.2f}"] for r in results]
+    out.append(table(["dm", "batch", "float32 img/s", f"{mixed} img/s", "ratio", "med ratio", "cpu ratio",
+                      "float32 med s/step", f"{mixed} med s/step"], rows))
+    out += ["", f"total runtime {runtime:.0f} s; load average at the end {load_average()}", "=" * 100]
+    return "\n".join(out)
+
+
 def measure_training_with_fallback(depth_multiplier: float, args) -> dict:
     import tensorflow as tf
 
     sizes = [b for b in BATCH_FALLBACK if b <= args.batch_size] or [args.batch_size]
     for batch_size in sizes:
         try:
+            if args.mixed_precision:
+                return measure_precision(depth_multiplier, args, batch_size)
             return measure_training(depth_multiplier, args, batch_size)
         except (tf.errors.ResourceExhaustedError, MemoryError) as error:
             log(f"dm {depth_multiplier} batch {batch_size} does not fit ({type(error).__name__}); trying smaller")
@@ -379,6 +472,8 @@ def parse_args(argv=None):
     parser.add_argument("--latency-warmup", type=int, default=3)
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-tflite", action="store_true")
+    parser.add_argument("--mixed-precision", choices=["mixed_bfloat16", "mixed_float16"], default=None,
+                        help="time float32 against this policy (interleaved) instead of pipeline against cache")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1 or args.block < 1:
         parser.error("need --steps >= 1, --block >= 1 and --warmup >= 1 (the first step traces)")
@@ -401,6 +496,10 @@ def main(argv=None) -> int:
         log(f"{key}: {value}")
 
     input_stats, training, tflite = None, [], []
+    if args.mixed_precision:
+        results = [measure_training_with_fallback(dm, args) for dm in args.depth_multipliers]
+        print(precision_report(machine, results, args, time.perf_counter() - started), flush=True)
+        return 0
     if not args.skip_training:
         cfg = compose_config(1.0, args.crop, args.camvid_root)
         split = open_camvid_or_exit(cfg)

@@ -15,6 +15,8 @@ from deeplabq.errors import ConfigError
 from deeplabq.model import DeepLabSpec, spec_from_config
 
 PTQ_SCHEMES = ("dynamic_range", "float16", "int8")
+STRATEGIES = ("default", "mirrored", "multi_worker")  # train.strategy (deeplabq.distribute)
+MIXED_PRECISION = ("mixed_float16", "mixed_bfloat16")  # train.mixed_precision, besides null
 INIT_SOURCES = ("scratch", "keras_imagenet", "deeplab_checkpoint", "run")
 
 
@@ -50,6 +52,9 @@ class TrainSpec:
     batch_norm_decay: float
     log_every_steps: int
     checkpoint_every_steps: int
+    strategy: str = "default"
+    sync_batch_norm: bool = True
+    mixed_precision: str | None = None
     seed: int = 0
     resume: bool = False
 
@@ -68,6 +73,9 @@ class TrainSpec:
         require(float(self.weight_decay) >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         for key in ("log_every_steps", "checkpoint_every_steps"):
             require(int(getattr(self, key)) > 0, f"train.{key} must be > 0, got {getattr(self, key)}")
+        require(self.strategy in STRATEGIES, f"train.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        require(self.mixed_precision is None or self.mixed_precision in MIXED_PRECISION,
+                f"train.mixed_precision must be null or one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,9 @@ class ExportSpec:
     int8_float_layers: tuple[str, ...] = ()
     int8_float_worst_layers: int = 0
     isolate_conversion: bool = True  # convert in a child process: a native crash fails one variant, not the run
+    int8_fold_input: bool = True  # integer files: input normalization folded into the uint8 input (no MUL/ADD)
+    int8_float_tail: bool = True  # integer files: resize of the logits and ArgMax in float (faster on XNNPACK)
+    float16_arithmetic: bool = False  # float16 file: XNNPACK may compute in fp16 (ARMv8.2+), not only store fp16
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> ExportSpec:
@@ -164,6 +175,7 @@ class EvalSpec:
     latency_threads: tuple[int, ...] = (1,)
     latency_warmup: int = 2
     latency_runs: int = 10
+    profile_ops: bool = False  # evaluate.py on a TFLite file: also its per-op latency (deeplabq.profiling)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> EvalSpec:

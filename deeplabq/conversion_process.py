@@ -239,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                 tflite = export.to_tflite(
                     model, variant, output=export_spec.output, input_type=export_spec.input_type,
                     per_channel=export_spec.per_channel, representative_images=representative,
-                    float_layers=export.int8_float_layers_of(export_spec, report) if variant == "int8" else ())
+                    float_layers=export.int8_float_layers_of(export_spec, report) if variant == "int8" else (),
+                    fold_input=export_spec.int8_fold_input, float_tail=export_spec.int8_float_tail,
+                    float16_arithmetic=export_spec.float16_arithmetic)
             except Exception as failure:  # noqa: BLE001  (any converter failure is reported per variant)
                 error = str(export.conversion_failure(variant, failure))
             else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,6 +13,7 @@ from deeplabq import data as data_lib
 from deeplabq.config import EvalSpec
 from deeplabq.console import native_output, progress
 from deeplabq.errors import UserError
+from deeplabq.quantization.inspection import read_metadata
 
 
 @dataclass
@@ -95,9 +97,10 @@ def load_interpreter(source: dict, num_threads: int):
 class TFLiteSegmenter:
     """Runs a DeepLab TFLite file on images, whatever its I/O types.
 
-    Inputs are raw 0..255 RGB pixels; they are fed as float32, or quantized with the input tensor's own
-    scale and zero point for uint8/int8 models. Outputs are either labels (ArgMax inside the graph) or
-    logits (argmax taken here; dequantization is not needed for argmax).
+    Inputs are raw 0..255 RGB pixels; they are fed as float32, as they are to a uint8 input whose file says
+    so (``deeplabq`` metadata ``input: raw_pixels``: the input normalization is folded into its quantization),
+    or else quantized with the input tensor's own scale and zero point. Outputs are either labels (ArgMax
+    inside the graph) or logits (argmax taken here; dequantization is not needed for argmax).
     """
 
     def __init__(self, model: bytes | str, num_threads: int = 1, name: str | None = None) -> None:
@@ -105,6 +108,8 @@ class TFLiteSegmenter:
         source = {"model_path": model} if isinstance(model, str) else {"model_content": model}
         try:
             self.interpreter = load_interpreter(source, num_threads)
+            with open(model, "rb") if isinstance(model, str) else nullcontext() as f:
+                self.raw_pixels = read_metadata(f.read() if f else model).get("input") == "raw_pixels"
         except (ValueError, RuntimeError) as error:
             raise TFLiteError(f"{self.name} is not a loadable TFLite model: {error}") from error
         inputs, outputs = self.interpreter.get_input_details(), self.interpreter.get_output_details()
@@ -121,7 +126,7 @@ class TFLiteSegmenter:
         if np.issubdtype(dtype, np.floating):
             return batch.astype(dtype)
         scale, zero_point = self.input["quantization"]
-        if scale == 0:
+        if scale == 0 or self.raw_pixels:
             return np.clip(np.round(batch), np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
         quantized = np.round(batch / scale + zero_point)
         return np.clip(quantized, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
@@ -179,9 +184,15 @@ def interleaved_latency(models: dict, num_threads: int, *, warmup: int = 3, runs
         (inp,) = interpreter.get_input_details()
         values = np.random.default_rng(7).integers(0, 256, inp["shape"])
         interpreter.set_tensor(inp["index"], (values - 128 if inp["dtype"] == np.int8 else values).astype(inp["dtype"]))
+        interpreters[name] = interpreter
+    return interleaved_invoke_ms(interpreters, warmup=warmup, runs=runs)
+
+
+def interleaved_invoke_ms(interpreters: dict, *, warmup: int, runs: int) -> dict:
+    """Median invoke time (ms) of each interpreter (inputs already set), invoked round-robin in one process."""
+    for interpreter in interpreters.values():
         for _ in range(warmup):
             interpreter.invoke()
-        interpreters[name] = interpreter
     times = {name: [] for name in interpreters}
     for _ in range(runs):
         for name, interpreter in interpreters.items():

@@ -53,29 +53,38 @@ class ExportedModel:
 
 
 def to_tflite(model: keras.Model, variant: str, *, output: str = "labels", input_type: str = "uint8",
-              per_channel: bool = True, representative_images=None, float_layers=()) -> bytes:
+              per_channel: bool = True, representative_images=None, float_layers=(), fold_input: bool = True,
+              float_tail: bool = True, float16_arithmetic: bool = False) -> bytes:
     """Convert ``model`` to one TFLite variant and return the flatbuffer.
 
     ``input_type`` applies to the integer variants (uint8: raw pixels with scale 1 since the model
     normalizes internally; int8; float32). Float variants always take float32 0..255 pixels.
     ``representative_images`` (iterable of HxWx3 float 0..255 arrays) is required for ``int8``;
-    ``float_layers`` (Keras layer names) stay float in the ``int8`` file.
+    ``float_layers`` (Keras layer names) stay float in the ``int8`` file. ``fold_input`` and ``float_tail``
+    rewrite the integer files' graph (``deeplabq.quantization.deploy_graph``: the input normalization folded
+    into the uint8 input, resize and ArgMax in float). ``float16_arithmetic`` marks the ``float16`` file
+    ``reduced_precision_support: fp16accfp16``: XNNPACK then computes in fp16 on CPUs with fp16 arithmetic
+    (ARMv8.2+), instead of dequantizing the weights to fp32 at load.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown TFLite variant {variant!r}; choose from {VARIANTS}")
     if variant == "int8":
         if representative_images is None:
             raise ValueError("int8 post-training quantization needs representative_images")
-        return quantization.ptq_int8_tflite(model, representative_images, per_channel=per_channel,
-                                            input_type=input_type, output=output, float_layers=float_layers)
+        tflite = quantization.ptq_int8_tflite(model, representative_images, per_channel=per_channel,
+                                              input_type=input_type, output=output, float_layers=float_layers)
+        return quantization.optimize_int8(tflite, fold_input=fold_input, tail_in_float=float_tail)[0]
     if variant == "qat_int8":
-        return quantization.qat_to_tflite(model, input_type=input_type, output=output)
+        tflite = quantization.qat_to_tflite(model, input_type=input_type, output=output)
+        return quantization.optimize_int8(tflite, fold_input=fold_input, tail_in_float=float_tail)[0]
     converter = quantization.tflite_converter(model, output)
     if variant == "dynamic_range":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif variant == "float16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
+        if float16_arithmetic:
+            converter.target_spec._experimental_supported_accumulation_type = tf.float16
     return converter.convert()
 
 
@@ -149,7 +158,9 @@ def export_variant(model: keras.Model, variant: str, path: Path, *, check_images
         with native_output(native):  # the converter's own lines: kept off the console, quoted on failure
             tflite = to_tflite(model, variant, output=export_cfg.output, input_type=export_cfg.input_type,
                                per_channel=export_cfg.per_channel, representative_images=representative_images,
-                               float_layers=float_layers)
+                               float_layers=float_layers, fold_input=export_cfg.int8_fold_input,
+                               float_tail=export_cfg.int8_float_tail,
+                               float16_arithmetic=export_cfg.float16_arithmetic)
     except Exception as error:  # noqa: BLE001  (any converter failure is reported per variant)
         raise conversion_failure(variant, error, native.tail(3)) from error
     return validate_and_write(tflite, model, variant, path, check_images=check_images, min_agreement=min_agreement)

@@ -43,7 +43,7 @@ def calibration_images(quant: QuantSpec, dataset_cfg, train_split, output_dir: P
     indices = sorted(rng.choice(len(train_split), size=int(quant.calibration_samples), replace=False).tolist())
     listing = output_dir / "calibration_images.txt"
     listing.write_text("".join(f"{train_split.describe(i)}\n" for i in indices))
-    mlflow.log_artifact(str(listing))
+    tracking.log_artifact(listing)
     images = []
     for index in progress(indices, desc="calibration images"):
         image, _ = train_split.load(index)
@@ -111,7 +111,7 @@ def log_figures(output_dir: Path, split, dataset_cfg, confusions: dict, shipped:
         paths.append(figures.overlay_figure(rows, split.num_classes, split.ignore_label, folder / "samples.png",
                                             title=f"{shipped}.tflite: image | ground truth | prediction"))
     for path in paths:
-        mlflow.log_artifact(str(path), artifact_path="figures")
+        tracking.log_artifact(path, "figures")
 
 
 def export_and_measure(spec: RunSpec, output_dir: Path, variants: list[str], *, train_split, eval_split,
@@ -157,12 +157,12 @@ def export_and_measure(spec: RunSpec, output_dir: Path, variants: list[str], *, 
             mlflow.set_tag(f"deeplabq.export_error.{variant}", str(error)[:5000])
             failures.append(str(error))
             continue
-        mlflow.log_artifact(str(exported.path), artifact_path="tflite")
+        tracking.log_artifact(exported.path, "tflite")
         with tempfile.TemporaryDirectory() as tmp:
             ops_file = Path(tmp) / f"{variant}_ops.json"
             ops_file.write_text(json.dumps({"op_histogram": exported.op_histogram,
                                             "xnnpack_partitions": exported.xnnpack_partitions}, indent=1))
-            mlflow.log_artifact(str(ops_file), artifact_path="tflite")
+            tracking.log_artifact(ops_file, "tflite")
         quality, confusion = evaluation.tflite_metrics(exported.path, variant, eval_split, spec.eval,
                                                       spec.dataset)
         if confusions is not None:
@@ -225,7 +225,7 @@ def write_int8_error_report(tflite_dir: Path, rows: list[dict]) -> None:
     writer.writerows(rows)
     report = tflite_dir / "int8_layer_errors.csv"
     export.write_atomically(report, table.getvalue().encode())
-    mlflow.log_artifact(str(report), artifact_path="tflite")
+    tracking.log_artifact(report, "tflite")
     print("int8 per-layer error, worst first (rmse/scale; 0.29 is rounding alone): "
           + ", ".join(f"{row['layer']} {row['rmse/scale']:.2f}" for row in rows[:5]))
 

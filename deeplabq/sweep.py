@@ -2,7 +2,8 @@
 
 Registered in conf/hydra/default.yaml. The parent's id reaches each job through DEEPLABQ_PARENT_RUN_ID,
 which deeplabq.tracking turns into the ``mlflow.parentRunId`` tag (the MLflow UI nests children under it).
-Works for in-process launchers (basic) and for process launchers that inherit the environment (joblib).
+Works for in-process launchers (basic) and for launchers whose jobs inherit the environment: joblib, and
+submitit's local and SLURM modes (conf/hydra/launcher/slurm*.yaml; sbatch passes the submitting environment on).
 
 The parent is named after what the sweep varies, carries the command line's overrides as params, points at
 the best child by ``deploy/miou`` (tags ``deeplabq.best_*``: the file to ship), and holds
@@ -14,6 +15,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -26,6 +28,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from deeplabq import cli, figures, mlflow_view, tracking
+from deeplabq.errors import UserError
 
 # Runs with equal values of these params are comparable: the float run among them is the baseline.
 FLOAT_TAG = "deeplabq.deploy_artifact"  # a run that ships its float file is a float baseline
@@ -113,7 +116,11 @@ class MlflowSweepCallback(Callback):
         self.config: DictConfig | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        experiment_id = tracking.setup_mlflow(config.tracking)
+        try:
+            experiment_id = tracking.setup_mlflow(config.tracking)
+        except UserError as error:  # a refused login, a bad URI: one line before any job, as a job would say it
+            print(f"deeplabq: error: {error}", file=sys.stderr)
+            sys.exit(2)
         overrides = sweep_overrides(config.hydra.overrides.task)
         swept = " ".join(f"{k}={v}" for k, (v, is_swept) in overrides.items() if is_swept)
         client = MlflowClient()

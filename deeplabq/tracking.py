@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import posixpath
 import socket
 import tempfile
 import traceback
@@ -18,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from deeplabq import mlflow_view
-from deeplabq.errors import SourceError, UserError
+from deeplabq.errors import ConfigError, SourceError, UserError
 
 PARENT_ENV = "DEEPLABQ_PARENT_RUN_ID"  # set by a sweep or compare.py: its jobs become child runs
 RUN_ID_FILE = "mlflow_run.json"  # in the job's output dir: lets `resume=true` continue the same run
@@ -37,16 +38,64 @@ class RunNotFoundError(UserError, ValueError):
     """An MLflow run id that the tracking store does not know."""
 
 
+class TrackingAccessError(UserError, PermissionError):
+    """The tracking server refused the credentials (HTTP 401) or this user may not do this (HTTP 403)."""
+
+
+class ArtifactStoreError(OSError):
+    """The tracking store does not hold an artifact as this run logged it (an upload cut short). Not a user error:
+    the run ends FAILED with its traceback (error.log) and the files in ``deeplabq.error``."""
+
+
+CREDENTIALS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+
+
+def is_server(tracking_uri: str) -> bool:
+    return str(tracking_uri).startswith(("http://", "https://"))
+
+
+def check_tracking_uri(tracking_uri: str) -> None:
+    """Credentials come from the environment only: a URI carrying them would be logged and printed."""
+    if is_server(tracking_uri) and urlparse(str(tracking_uri)).password is not None:
+        raise ConfigError(f"tracking.tracking_uri must not carry a password (it is logged and printed): give "
+                          f"{urlparse(str(tracking_uri)).hostname}'s address alone and set {CREDENTIALS} in the "
+                          "environment")
+
+
+@contextlib.contextmanager
+def server_access(what: str):
+    """Turn the tracking server's 401 and 403 into one clear line (TrackingAccessError) naming ``what``."""
+    try:
+        yield
+    except mlflow.exceptions.MlflowException as error:
+        uri, user = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_USERNAME")
+        if error.error_code == "UNAUTHENTICATED":
+            said = f"user '{user}' and MLFLOW_TRACKING_PASSWORD" if user else f"no credentials (set {CREDENTIALS})"
+            raise TrackingAccessError(f"the tracking server {uri} refused {said} (HTTP 401) while {what}") from None
+        if error.error_code == "PERMISSION_DENIED":
+            raise TrackingAccessError(f"user '{user}' may not write to the tracking server {uri} (HTTP 403) while "
+                                      f"{what}: the experiment's owner or the server's admin can grant EDIT") from None
+        raise
+
+
 def setup_mlflow(tracking_cfg) -> str:
     """Point MLflow at the configured store and return the experiment id (created if needed), with the saved
     runs view of the deploy metrics that :func:`ui_url` links to (see deeplabq.mlflow_view)."""
+    check_tracking_uri(tracking_cfg.tracking_uri)
     mlflow.set_tracking_uri(tracking_cfg.tracking_uri)
+    with server_access(f"setting up experiment '{tracking_cfg.experiment_name}'"):
+        return _setup_experiment(tracking_cfg)
+
+
+def _setup_experiment(tracking_cfg) -> str:
     client = MlflowClient()
     experiment = client.get_experiment_by_name(tracking_cfg.experiment_name)
     if experiment is not None:
         experiment_id = experiment.experiment_id
     else:
         location = tracking_cfg.artifact_location
+        if is_server(tracking_cfg.tracking_uri) and location and "://" not in str(location):
+            location = None  # a path here means nothing to the server: it stores artifacts where it serves them
         if location and "://" not in str(location):
             Path(location).mkdir(parents=True, exist_ok=True)
             location = Path(location).resolve().as_uri()
@@ -208,6 +257,24 @@ def cpu_features() -> str:
     return ",".join(f for f in CPU_FLAGS if f in flags) or "none"
 
 
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags (name, git commit, branch, repo) of the job's entry point (``train.py`` ...) rather than of
+    the process running it: under joblib or submitit that is a worker whose ``sys.argv[0]`` is the launcher's own
+    file, outside the repository. Empty when not under Hydra (MLflow's own then stand)."""
+    from mlflow.utils import git_utils, mlflow_tags
+
+    try:
+        entry = Path(os.environ.get("DEEPLABQ_ROOT", "")) / f"{HydraConfig.get().job.name}.py"
+    except ValueError:
+        return {}
+    if not entry.is_file():
+        return {}
+    found = {mlflow_tags.MLFLOW_SOURCE_NAME: entry.name, mlflow_tags.MLFLOW_GIT_COMMIT: git_utils.get_git_commit(entry),
+             mlflow_tags.MLFLOW_GIT_BRANCH: git_utils.get_git_branch(entry),
+             mlflow_tags.MLFLOW_GIT_REPO_URL: git_utils.get_git_repo_url(entry)}
+    return {k: str(v) for k, v in found.items() if v is not None}
+
+
 def run_tags(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, str]:
     c = group_choices(cfg)
     tags = {f"deeplabq.{k}": v for k, v in c.items()}
@@ -221,6 +288,7 @@ def run_tags(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, str
         }
     )
     tags.update(process_tags())
+    tags.update(source_tags())
     parent = parent_run_id or os.environ.get(PARENT_ENV)
     if parent:
         tags["mlflow.parentRunId"] = parent
@@ -247,21 +315,22 @@ def tracked_run(cfg: DictConfig, output_dir: Path, *, resume: bool = False, pare
     experiment_id = setup_mlflow(cfg.tracking)
     output_dir.mkdir(parents=True, exist_ok=True)
     run_id = _existing_run_id(output_dir) if resume else None
-    if run_id is not None:
-        check_run_exists(run_id)
-        # this process's tags before the run is RUNNING again: another job's mark_dead_runs never sees the old PID
-        client = MlflowClient()
-        for key, value in process_tags().items():
-            client.set_tag(run_id, key, value)
-        if ERROR_TAG in client.get_run(run_id).data.tags:
-            client.delete_tag(run_id, ERROR_TAG)  # the interruption's: the run is live again
-    fresh = run_id is None
-    run = mlflow.start_run(
-        run_id=run_id,
-        experiment_id=None if run_id else experiment_id,
-        run_name=(name or run_name(cfg)) if fresh else None,
-        tags=run_tags(cfg, parent_run_id) if fresh else None,
-    )
+    with server_access(f"starting a run in experiment '{cfg.tracking.experiment_name}'"):
+        if run_id is not None:
+            check_run_exists(run_id)
+            # this process's tags before the run is RUNNING again: another job's mark_dead_runs never sees the old PID
+            client = MlflowClient()
+            for key, value in process_tags().items():
+                client.set_tag(run_id, key, value)
+            if ERROR_TAG in client.get_run(run_id).data.tags:
+                client.delete_tag(run_id, ERROR_TAG)  # the interruption's: the run is live again
+        fresh = run_id is None
+        run = mlflow.start_run(
+            run_id=run_id,
+            experiment_id=None if run_id else experiment_id,
+            run_name=(name or run_name(cfg)) if fresh else None,
+            tags=run_tags(cfg, parent_run_id) if fresh else None,
+        )
     try:
         if fresh:
             (output_dir / RUN_ID_FILE).write_text(json.dumps({"run_id": run.info.run_id}))
@@ -269,9 +338,11 @@ def tracked_run(cfg: DictConfig, output_dir: Path, *, resume: bool = False, pare
             with tempfile.TemporaryDirectory() as tmp:
                 config_path = Path(tmp) / "config.yaml"
                 config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-                mlflow.log_artifact(str(config_path))
+                log_artifact(config_path)
         yield run
+        verify_artifacts(run.info.run_id)
     except BaseException as error:
+        _LOGGED.pop(run.info.run_id, None)
         with contextlib.suppress(Exception):
             mlflow.set_tag(ERROR_TAG, f"{type(error).__name__}: {error}"[:5000])
             if isinstance(error, Exception) and not isinstance(error, UserError):  # a bug: keep its traceback
@@ -280,6 +351,34 @@ def tracked_run(cfg: DictConfig, output_dir: Path, *, resume: bool = False, pare
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+_LOGGED: dict[str, dict[str, int]] = {}  # run id -> {artifact path: size in bytes} of what this process logged
+
+
+def log_artifact(local_path: str | Path, artifact_path: str | None = None) -> None:
+    """``mlflow.log_artifact`` into the active run, remembering the file's size for :func:`verify_artifacts`."""
+    local_path = Path(local_path)
+    size = local_path.stat().st_size
+    mlflow.log_artifact(str(local_path), artifact_path)
+    logged = _LOGGED.setdefault(mlflow.active_run().info.run_id, {})
+    logged[posixpath.join(artifact_path or "", local_path.name)] = size
+
+
+def verify_artifacts(run_id: str) -> None:
+    """Check that the store holds every artifact this process logged to the run, at its full size, before the run
+    may be FINISHED: an upload cut short (a server restart, a full disk) fails the run instead of leaving a
+    truncated file in a run that looks complete. One listing per folder."""
+    logged = _LOGGED.pop(run_id, {})
+    stored: dict[str, int | None] = {}
+    with server_access("checking the run's artifacts"):
+        for folder in sorted({posixpath.dirname(path) for path in logged}):
+            stored.update({a.path: a.file_size for a in MlflowClient().list_artifacts(run_id, folder or None)})
+    wrong = [f"{path} ({'missing' if path not in stored else f'{stored[path]} bytes'}, logged {size})"
+             for path, size in sorted(logged.items()) if stored.get(path) != size]
+    if wrong:
+        raise ArtifactStoreError(f"the tracking store {mlflow.get_tracking_uri()} does not hold {len(wrong)} of the "
+                                 f"{len(logged)} artifacts this run logged as logged: {', '.join(wrong[:5])}")
 
 
 def check_run_exists(run_id: str) -> None:
@@ -295,9 +394,26 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
+def artifact_cache_dir() -> Path:
+    """Where the artifacts of runs on a tracking server are downloaded to: ``$XDG_CACHE_HOME/deeplabq/runs``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "deeplabq" / "runs"
+
+
 def run_artifact_dir(run_id: str) -> Path:
-    """Local directory of a run's artifacts (file-based artifact stores only)."""
+    """Local directory of a run's artifacts: the store's own folder for a file store; for any other (a tracking
+    server's ``mlflow-artifacts:``, S3 ...) a download of all of them into :func:`artifact_cache_dir`, made once
+    (into a temp folder renamed when complete)."""
     uri = MlflowClient().get_run(run_id).info.artifact_uri
-    if not uri.startswith("file:"):
-        raise SourceError(f"run {run_id} stores artifacts at {uri}; only local file artifact stores are supported")
-    return Path(unquote(urlparse(uri).path))
+    if uri.startswith("file:"):
+        return Path(unquote(urlparse(uri).path))
+    cached = artifact_cache_dir() / run_id
+    if not cached.is_dir():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cached.parent, prefix=f".{run_id}-", ignore_cleanup_errors=True) as tmp:
+            with server_access(f"downloading the artifacts of run {run_id}"):
+                mlflow.artifacts.download_artifacts(run_id=run_id, dst_path=tmp)
+            with contextlib.suppress(OSError):  # another process finished the same download first
+                Path(tmp).rename(cached)
+    if not cached.is_dir():
+        raise SourceError(f"could not download the artifacts of run {run_id} from {uri}")
+    return cached

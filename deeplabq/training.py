@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from deeplabq import checkpoints as ckpt_lib
 from deeplabq import data as data_lib
-from deeplabq import tracking
+from deeplabq import distribute, tracking
 from deeplabq.config import InitSpec, RunSpec, TrainSpec
 from deeplabq.console import progress
 from deeplabq.errors import ConfigError, InputNotFoundError, SourceError, UserError
@@ -26,11 +26,19 @@ from deeplabq.sources import CHECKPOINT_DIR, PHASE_FILE, load_weights, resolve_s
 
 def segmentation_loss(logits, labels, ignore_label: int):
     """Mean softmax cross-entropy over the pixels that are not ``ignore_label``."""
+    pixel_loss, pixels = _loss_terms(logits, labels, ignore_label)
+    return pixel_loss / tf.maximum(pixels, 1.0)
+
+
+def _loss_terms(logits, labels, ignore_label: int):
+    """(sum of the softmax cross-entropy over the valid pixels, number of valid pixels), in float32 (the logits
+    of a mixed-precision model too)."""
     valid = tf.not_equal(labels, ignore_label)
     safe_labels = tf.where(valid, labels, tf.zeros_like(labels))
-    per_pixel = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels, logits=logits)
+    per_pixel = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe_labels,
+                                                               logits=tf.cast(logits, tf.float32))
     per_pixel = tf.where(valid, per_pixel, tf.zeros_like(per_pixel))
-    return tf.reduce_sum(per_pixel) / tf.maximum(tf.reduce_sum(tf.cast(valid, tf.float32)), 1.0)
+    return tf.reduce_sum(per_pixel), tf.reduce_sum(tf.cast(valid, tf.float32))
 
 
 def learning_rate_schedule(train: TrainSpec):
@@ -150,12 +158,24 @@ def _finite_weights(model: keras.Model) -> bool:
 
 
 class Trainer:
-    """Custom training loop over one model; a new Trainer takes over when delayed QAT switches models."""
+    """Custom training loop over one model; a new Trainer takes over when delayed QAT switches models.
+
+    Created inside a ``tf.distribute`` strategy's scope, its step runs on every replica (``strategy.run``) and
+    computes the global batch's loss and gradient (deeplabq.distribute); otherwise it is the plain step.
+    With ``train.mixed_precision=mixed_float16`` the optimizer scales the loss (dynamic loss scaling)."""
 
     def __init__(self, model: keras.Model, train: TrainSpec, ignore_label: int, start_step: int) -> None:
         self.model = model
+        self.strategy = tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
+        self.replicas = self.strategy.num_replicas_in_sync if self.strategy is not None else 1
         self.schedule = learning_rate_schedule(train)
         self.optimizer = make_optimizer(train, start_step)
+        # float16 gradients underflow without it; bfloat16 has float32's exponent range and needs none.
+        self.loss_scaling = train.mixed_precision == "mixed_float16"
+        if self.loss_scaling:
+            self.optimizer = keras.mixed_precision.LossScaleOptimizer(self.optimizer)
+        if self.replicas > 1 and train.sync_batch_norm:
+            distribute.synchronize_batch_norm(_all_layers(model))
         self.ignore_label = int(ignore_label)
         self.weight_decay = float(train.weight_decay)
         # Create the optimizer's slot variables now: a tf.function that creates variables on its first call
@@ -166,23 +186,57 @@ class Trainer:
     def retrace(self) -> None:
         """A new tf.function for the train step: needed after a layer's ``trainable`` changed (a traced step
         keeps the batch-norm mode and the trainable variables it was traced with)."""
-        self.train_step = tf.function(self._train_step)
+        self.train_step = tf.function(self._train_step if self.strategy is None else self._distributed_step)
+
+    def _regularization(self):
+        kernels = [v for v in self.model.trainable_variables if "kernel" in v.name]
+        return self.weight_decay * tf.add_n([tf.nn.l2_loss(v) for v in kernels])
 
     def _train_step(self, images, labels):
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
             loss = segmentation_loss(logits, labels, self.ignore_label)
-            kernels = [v for v in self.model.trainable_variables if "kernel" in v.name]
-            regularization = self.weight_decay * tf.add_n([tf.nn.l2_loss(v) for v in kernels])
-            total = loss + regularization
+            total = loss + self._regularization()
+            scaled = self.optimizer.get_scaled_loss(total) if self.loss_scaling else total
         variables = self.model.trainable_variables
-        gradients = tape.gradient(total, variables)
-        # The NaN guard, inside the compiled step: a non-finite loss or gradient stops training before the
-        # update, so the weights (and every checkpoint written from them) stay finite.
-        checks = [tf.debugging.check_numerics(total, NON_FINITE_LOSS),
-                  tf.debugging.check_numerics(tf.linalg.global_norm(gradients), NON_FINITE_GRADIENT)]
+        gradients = tape.gradient(scaled, variables)
+        if self.loss_scaling:
+            gradients = self.optimizer.get_unscaled_gradients(gradients)
+        self._guarded_update(total, gradients, variables)
+        return loss, total
+
+    def _guarded_update(self, total, gradients, variables, **apply_options) -> None:
+        """The NaN guard, inside the compiled step: a non-finite loss or gradient stops training before the
+        update, so the weights (and every checkpoint written from them) stay finite. With loss scaling, an
+        overflowing gradient is the loss scale's business instead (the step is skipped, the scale lowered)."""
+        checks = [tf.debugging.check_numerics(total, NON_FINITE_LOSS)]
+        if not self.loss_scaling:
+            checks.append(tf.debugging.check_numerics(tf.linalg.global_norm(gradients), NON_FINITE_GRADIENT))
         with tf.control_dependencies(checks):
-            self.optimizer.apply_gradients(zip(gradients, variables, strict=True))
+            self.optimizer.apply_gradients(zip(gradients, variables, strict=True), **apply_options)
+
+    def _distributed_step(self, images, labels):
+        loss, total = self.strategy.run(self._replica_step, args=(images, labels))
+        first = self.strategy.experimental_local_results
+        return first(loss)[0], first(total)[0]  # all-reduced: the same on every replica
+
+    def _replica_step(self, images, labels):
+        """One replica's share of the global batch. Its pixel-loss sum is divided by the valid pixels of the whole
+        batch and the weight decay by the replica count, so the sums over replicas of loss and gradients are the
+        single-device step's; the guard sees those sums, as every replica (and worker) does."""
+        context, add = tf.distribute.get_replica_context(), tf.distribute.ReduceOp.SUM
+        with tf.GradientTape() as tape:
+            logits = self.model(images, training=True)
+            pixel_loss, pixels = _loss_terms(logits, labels, self.ignore_label)
+            loss = pixel_loss / tf.maximum(context.all_reduce(add, pixels), 1.0)
+            total = loss + self._regularization() / self.replicas
+            scaled = self.optimizer.get_scaled_loss(total) if self.loss_scaling else total
+        variables = self.model.trainable_variables
+        gradients = context.all_reduce(add, tape.gradient(scaled, variables))
+        if self.loss_scaling:
+            gradients = self.optimizer.get_unscaled_gradients(gradients)
+        loss, total = context.all_reduce(add, [loss, total])
+        self._guarded_update(total, gradients, variables, skip_gradients_aggregation=True)
         return loss, total
 
     @property
@@ -264,10 +318,10 @@ def _load_initial_weights(model: keras.Model, init: InitSpec) -> str:
 def _log_checkpoint(save_path: str) -> None:
     directory = Path(save_path).parent
     for file in directory.glob(Path(save_path).name + ".*"):
-        mlflow.log_artifact(str(file), artifact_path=CHECKPOINT_DIR)
-    mlflow.log_artifact(str(directory / "checkpoint"), artifact_path=CHECKPOINT_DIR)
+        tracking.log_artifact(file, CHECKPOINT_DIR)
+    tracking.log_artifact(directory / "checkpoint", CHECKPOINT_DIR)
     if (directory / PHASE_FILE).exists():
-        mlflow.log_artifact(str(directory / PHASE_FILE), artifact_path=CHECKPOINT_DIR)
+        tracking.log_artifact(directory / PHASE_FILE, CHECKPOINT_DIR)
 
 
 def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, quantize_at: int | None = None,
@@ -279,8 +333,19 @@ def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, qua
     With ``freeze_bn_at`` (contrib.quantize's / MLPerf's ``freeze_bn_delay``, at or after ``quantize_at``)
     the batch-norm moving statistics of the model being trained stop updating from that step on.
     Checkpoints go to ``<output_dir>/checkpoints`` every ``train.checkpoint_every_steps`` and to MLflow.
+    Inside a ``tf.distribute`` strategy's scope every replica trains its slice of each global batch; only the
+    chief logs and keeps checkpoints (deeplabq.distribute).
     """
+    with distribute.save_folder(output_dir / CHECKPOINT_DIR) as save_dir:
+        return _fit(model, spec, output_dir, train_split, save_dir, quantize_at, quantize_fn, freeze_bn_at)
+
+
+def _fit(model, spec: RunSpec, output_dir: Path, train_split, save_dir: Path, quantize_at, quantize_fn,
+         freeze_bn_at) -> keras.Model:
     train = spec.train
+    chief = distribute.is_chief()
+    strategy = tf.distribute.get_strategy() if tf.distribute.has_strategy() else None
+    distribute.check_batch_size(train, strategy)
     total_steps = int(train.steps)
     checkpoint_dir = output_dir / CHECKPOINT_DIR
     configure_batch_norm(model, bool(train.fine_tune_batch_norm), float(train.batch_norm_decay))
@@ -309,12 +374,12 @@ def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, qua
         print(f"resumed from {latest} at step {start_step}")
     else:
         trainer = Trainer(model, train, spec.dataset.ignore_label, 0)
-    manager = tf.train.CheckpointManager(trainer.checkpoint(), str(checkpoint_dir), max_to_keep=2)
+    manager = tf.train.CheckpointManager(trainer.checkpoint(), str(save_dir), max_to_keep=2)
     # The batch of step n is the n-th of one seeded stream: a resumed run skips the ones it has trained on.
     # Calibration at the switch to QAT draws from a stream of its own, so it never shifts this one.
-    batches = data_lib.iterate(data_lib.input_pipeline(
-        train_split, spec.dataset, training=True, batch_size=int(train.batch_size), seed=int(train.seed),
-        start_batch=start_step))
+    stream = data_lib.input_pipeline(train_split, spec.dataset, training=True, batch_size=int(train.batch_size),
+                                     seed=int(train.seed), start_batch=start_step)
+    batches = data_lib.iterate(stream if strategy is None else distribute.distribute_batches(strategy, stream))
     calibration_batches = data_lib.iterate(data_lib.input_pipeline(
         train_split, spec.dataset, training=True, batch_size=int(train.batch_size), seed=int(train.seed) + 2))
     logged_until = _logged_until("loss") if latest else -1
@@ -325,14 +390,15 @@ def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, qua
         if quantize_at is not None and not quantized and step >= quantize_at:
             model = quantize_fn(trainer.model, calibration_batches)
             trainer = Trainer(model, train, spec.dataset.ignore_label, step)
-            manager = tf.train.CheckpointManager(trainer.checkpoint(), str(checkpoint_dir), max_to_keep=2)
+            manager = tf.train.CheckpointManager(trainer.checkpoint(), str(save_dir), max_to_keep=2)
             quantized = True
-            mlflow.log_metric("quantization_started", 1.0, step=step)
+            if chief:
+                mlflow.log_metric("quantization_started", 1.0, step=step)
         if freeze_bn_at is not None and not bn_frozen and step >= freeze_bn_at:
             freeze_batch_norm(trainer.model)  # also on resume: a restored model is built unfrozen
             trainer.retrace()
             bn_frozen = True
-            if step == freeze_bn_at:
+            if step == freeze_bn_at and chief:
                 mlflow.log_metric("batch_norm_frozen", 1.0, step=step)
         images, labels = next(batches)
         try:
@@ -342,21 +408,16 @@ def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, qua
             if what is None:
                 raise
             raise _diverged(f"the {what}", step + 1, train, manager) from None
-        window_images += int(images.shape[0])
+        window_images += int(train.batch_size)
         window_losses.append(loss)
         done = step + 1
         if (done % int(train.log_every_steps) == 0 or done == total_steps) and done > logged_until:
             elapsed = time.perf_counter() - window_start
             loss_value = float(np.mean([float(v) for v in window_losses]))  # mean over the log window
-            tracking.log_metrics(
-                {
-                    "loss": loss_value,
-                    "total_loss": float(total),
-                    "learning_rate": float(trainer.schedule(done)),
-                    "images_per_sec": window_images / max(elapsed, 1e-9),
-                },
-                step=done,
-            )
+            metrics = {"loss": loss_value, "total_loss": float(total), "learning_rate": float(trainer.schedule(done)),
+                       "images_per_sec": window_images / max(elapsed, 1e-9)}
+            if chief:
+                tracking.log_metrics(metrics, step=done)
             if bar.disable:  # no terminal: a log line per window instead of the bar
                 print(f"step {done}/{total_steps} loss {loss_value:.4f} "
                       f"({window_images / max(elapsed, 1e-9):.1f} img/s)")
@@ -365,9 +426,11 @@ def fit(model: keras.Model, spec: RunSpec, output_dir: Path, train_split, *, qua
         if done % int(train.checkpoint_every_steps) == 0 or done == total_steps:
             if not _finite_weights(trainer.model):
                 raise _diverged("a weight", done, train, manager)
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            (checkpoint_dir / PHASE_FILE).write_text(json.dumps({"quantized": quantized}))
-            _log_checkpoint(manager.save(checkpoint_number=done))
+            save_dir.mkdir(parents=True, exist_ok=True)
+            (save_dir / PHASE_FILE).write_text(json.dumps({"quantized": quantized}))
+            saved = manager.save(checkpoint_number=done)  # every worker saves: reading synced variables is collective
+            if chief:
+                _log_checkpoint(saved)
         bar.update(1)
     bar.close()
     return trainer.model

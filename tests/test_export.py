@@ -83,7 +83,9 @@ def test_agreement_counts_the_pixels_that_differ(tiny_model, converted):
     """The int8 file of a random DeepLab flips some labels: the fraction is exactly the pixels that agree."""
     images, int8_logits = tiny_images(2), converted["int8", "logits"]
     agreement = export.pixel_agreement(int8_logits, tiny_model, images)
-    assert io_details(int8_logits)[0]["quantization"] == (1.0, 0)  # calibrated on 0..255: pixels as they are
+    # The input normalization folded into the input (deploy_graph): raw pixels in, the file says so.
+    assert io_details(int8_logits)[0]["quantization"] == (pytest.approx(1 / 127.5), 128)
+    assert Q.read_metadata(int8_logits) == {"input": "raw_pixels"}
     predicted = np.argmax(Q.run_tflite(int8_logits, np.stack(images)), axis=-1)
     expected = np.argmax(tiny_model(np.stack(images), training=False).numpy(), axis=-1)
     assert agreement == pytest.approx(np.mean(predicted == expected))
@@ -121,3 +123,18 @@ def test_write_atomically_creates_folders_replaces_and_leaves_no_partial(tmp_pat
     export.write_atomically(path, b"second")
     assert path.read_bytes() == b"second"
     assert [p.name for p in path.parent.iterdir()] == ["model.tflite"]
+
+
+def test_float16_arithmetic_is_asked_for_in_the_file_only_when_set(tiny_model, converted):
+    from ai_edge_litert import schema_py_generated as schema
+
+    def metadata(tflite: bytes) -> dict[str, bytes]:
+        model = schema.Model.GetRootAs(tflite, 0)
+        entries = [model.Metadata(i) for i in range(model.MetadataLength())]
+        return {e.Name().decode(): bytes(model.Buffers(e.Buffer()).DataAsNumpy()) for e in entries}
+
+    # The converter's default: fp16 weights, fp32 accumulation (XNNPACK dequantizes the weights at load).
+    assert metadata(converted["float16", "labels"])["reduced_precision_support"] == b"fp16accfp32"
+    fp16 = export.to_tflite(tiny_model, "float16", float16_arithmetic=True)
+    assert metadata(fp16)["reduced_precision_support"] == b"fp16accfp16"  # XNNPACK's fp16 path, ARMv8.2+
+    assert export.pixel_agreement(fp16, tiny_model, tiny_images(1)) > 0.97  # x86: still fp32 arithmetic here

@@ -284,3 +284,40 @@ def test_float_tflite_and_inspection_helpers():
     assert Q.xnnpack_partitions(tflite) == 1 and Q.undelegated_ops(tflite) == ["ARG_MAX"]
     with pytest.raises(ValueError, match="output must be one of"):
         Q.float_tflite(model, output="probabilities")
+
+
+def test_deploy_graph_rewrites_keep_the_labels_and_one_partition(quantized):
+    """fold_input_normalization + float_tail: MUL/ADD gone, a DEQUANTIZE before the final resize, still one
+    XNNPACK partition, and the labels of the QAT file on LiteRT (raw pixels in, as before)."""
+    _, qat_model, _, tflite = quantized
+    rewritten, applied = Q.optimize_int8(tflite)
+    assert applied == ["fold_input_normalization", "float_tail"]
+    before, after = Q.op_histogram(tflite), Q.op_histogram(rewritten)
+    assert "MUL" not in after and after["ADD"] == before["ADD"] - 1 and after["DEQUANTIZE"] == 1
+    types = dict((name, dtype) for _, name, dtype in Q.tensor_types(rewritten))
+    assert types["deeplab/quant_logits_resize/ResizeBilinear"] == "FLOAT32"
+    assert Q.xnnpack_partitions(rewritten) == 1 and Q.undelegated_ops(rewritten) == ["QUANTIZE", "ARG_MAX"]
+    assert Q.read_metadata(rewritten) == {"input": "raw_pixels"} and Q.read_metadata(tflite) == {}
+    from ai_edge_litert.interpreter import Interpreter
+
+    (inp,) = Interpreter(model_content=rewritten).get_input_details()
+    assert inp["dtype"] == np.uint8 and inp["quantization"] == (pytest.approx(1 / 127.5), 128)
+    x = images(4, seed=4)
+    labels, original = Q.run_tflite(rewritten, x), Q.run_tflite(tflite, x)
+    qat_labels = np.argmax(qat_model(x, training=False), axis=-1)
+    assert np.mean(labels == original) > 0.95
+    assert np.mean(labels == qat_labels) >= np.mean(original == qat_labels) - 0.01
+    from deeplabq.evaluation import TFLiteSegmenter
+
+    segmenter = TFLiteSegmenter(rewritten)  # feeds raw pixels to a folded input (its metadata says so)
+    assert segmenter.raw_pixels and np.array_equal(segmenter.predict(x[0]), labels[0])
+
+
+def test_deploy_graph_rewrites_leave_other_graphs_alone(quantized_v3):
+    float_model, qat_model, _, _ = quantized_v3
+    float_file = Q.float_tflite(float_model)
+    assert Q.optimize_int8(float_file) == (float_file, [])
+    logits = Q.qat_to_tflite(qat_model, output="logits")  # no ArgMax: the int8 logits stay the output
+    assert Q.optimize_int8(logits)[1] == ["fold_input_normalization"]
+    float_input = Q.qat_to_tflite(qat_model, input_type="float32")  # XNNPACK quantizes float pixels itself
+    assert Q.optimize_int8(float_input)[1] == ["float_tail"]

@@ -129,3 +129,21 @@ def test_browse_lines_for_a_local_store_and_a_server():
     assert "abc" in local
     server = tracking.browse_lines("http://host:5000/", "1", "abc")
     assert "mlflow ui" not in server and "http://host:5000/" in server
+
+
+def test_a_run_whose_stored_artifact_is_cut_short_ends_failed(tmp_path, cfg):
+    """A run is FINISHED only if the store holds every artifact it logged at full size (an upload cut short by a
+    server restart would otherwise look complete)."""
+    local = tmp_path / "model.tflite"
+    local.write_bytes(b"x" * 1000)
+    with pytest.raises(tracking.ArtifactStoreError, match=r"tflite/model.tflite \(600 bytes, logged 1000\)"):
+        with tracking.tracked_run(cfg, tmp_path / "run") as run:
+            tracking.log_artifact(local, "tflite")
+            stored = tracking.run_artifact_dir(run.info.run_id) / "tflite" / "model.tflite"
+            stored.write_bytes(b"x" * 600)  # what an upload cut short leaves
+    logged = MlflowClient().get_run(run.info.run_id)
+    assert logged.info.status == "FAILED"
+    assert "does not hold 1 of the 2 artifacts this run logged" in logged.data.tags["deeplabq.error"]
+    with tracking.tracked_run(cfg, tmp_path / "whole") as run:  # config.yaml and a whole file: FINISHED
+        tracking.log_artifact(local, "tflite")
+    assert MlflowClient().get_run(run.info.run_id).info.status == "FINISHED"

@@ -12,7 +12,7 @@ import pkgutil
 
 from omegaconf import DictConfig
 
-from deeplabq.config import RunSpec
+from deeplabq.config import RunSpec, require
 from deeplabq.quant_modes.base import QuantMode, TrainContext, find, get, names, register, unregister
 
 SUPPORT_MODULES = ("base", "common")
@@ -28,6 +28,10 @@ def validate_config(cfg: DictConfig) -> tuple[RunSpec, QuantMode]:
     spec = RunSpec.from_config(cfg, training=True)
     mode = get(spec.quant.mode)
     spec.validate()
+    precision = spec.train.mixed_precision
+    require(precision is None or mode.mixed_precision,
+            f"train.mixed_precision={precision} is for float training: quant={mode.name} trains or converts "
+            f"fake-quantized layers, which stay float32 (tfmot, TFLite); set train.mixed_precision=null")
     mode.validate(spec)
     return spec, mode
 

@@ -32,6 +32,9 @@ class QuantMode:
     """One value of ``quant.mode``. Subclasses set ``name`` and override what differs."""
 
     name: ClassVar[str]
+    # Whether train.mixed_precision may be set: only float training. Fake quantization (tfmot) and TFLite
+    # conversion are float32, and a mode that trains fake-quantized layers refuses mixed precision.
+    mixed_precision: ClassVar[bool] = False
 
     def validate(self, spec: RunSpec) -> None:
         """Checks of the mode's own keys (ConfigError naming the key); the generic ones have run already."""

@@ -8,7 +8,7 @@ import itertools
 import mlflow
 import tensorflow as tf
 
-from deeplabq import quantization
+from deeplabq import distribute, quantization
 from deeplabq.config import RunSpec, require
 from deeplabq.errors import InputNotFoundError, SourceError
 from deeplabq.quant_modes.base import TrainContext
@@ -35,7 +35,8 @@ def load_float_checkpoint(model, spec: RunSpec) -> str:
         raise SourceError(f"quant.float_checkpoint={float_checkpoint} is not a float checkpoint "
                           f"({source.describe()})")
     load_weights(model, source, "quant.float_checkpoint", spec.model)
-    mlflow.set_tag("deeplabq.float_checkpoint", source.describe())
+    if distribute.is_chief():  # other workers of a multi-worker run log nothing
+        mlflow.set_tag("deeplabq.float_checkpoint", source.describe())
     return source.describe()
 
 
@@ -44,7 +45,9 @@ def initialize(model, context: TrainContext) -> None:
     spec = context.spec
     if spec.train.resume and tf.train.latest_checkpoint(str(context.output_dir / CHECKPOINT_DIR)):
         return
-    mlflow.set_tag("deeplabq.init", initialize_weights(model, spec.init, init_batches(spec, context.train_split)))
+    described = initialize_weights(model, spec.init, init_batches(spec, context.train_split))
+    if distribute.is_chief():
+        mlflow.set_tag("deeplabq.init", described)
 
 
 def start_quantization(float_model, batches):

@@ -12,6 +12,7 @@ from deeplabq.training import fit
 @register
 class Float(QuantMode):
     name = "float"
+    mixed_precision = True
 
     def export_plan(self, spec):
         return ExportPlan(("float", *spec.export.ptq_variants), shipped="float", float_reference="float/miou")

@@ -26,8 +26,9 @@ conv and fuses the ReLU.
 
 The package, by concern (a module imports only modules named before it): :mod:`.qat` (QuantizeConfigs,
 quantizers, :func:`prepare_for_int8`, :func:`quantize_model`), :mod:`.inspection` (TFLite flatbuffers and
-their XNNPACK delegation), :mod:`.calibration` (activation ranges, batch norm) and :mod:`.conversion` (TFLite
-files, the QuantizationDebugger). Every public name is re-exported here; private helpers stay in their module.
+their XNNPACK delegation), :mod:`.calibration` (activation ranges, batch norm), :mod:`.conversion` (TFLite
+files, the QuantizationDebugger) and :mod:`.deploy_graph` (rewrites of the integer file's graph). Every public
+name is re-exported here; private helpers stay in their module.
 """
 
 from deeplabq.quantization.calibration import (
@@ -44,8 +45,10 @@ from deeplabq.quantization.conversion import (
     qat_to_tflite,
     tflite_converter,
 )
+from deeplabq.quantization.deploy_graph import optimize_int8
 from deeplabq.quantization.inspection import (
     op_histogram,
+    read_metadata,
     run_tflite,
     tensor_types,
     undelegated_ops,
@@ -68,6 +71,8 @@ from deeplabq.quantization.qat import (
 )
 
 __all__ = [
+    "optimize_int8",
+    "read_metadata",
     "PIXEL_RANGE",
     "RANGE_EMA_DECAY",
     "DepthwiseConvQuantizeConfig",

@@ -1,13 +1,18 @@
 """Flatbuffer inspection of TFLite files: the op histogram, output tensor types and weight scales read through
-LiteRT's flatbuffer schema, what LiteRT's default XNNPACK delegate makes of a file (:func:`xnnpack_partitions`,
-:func:`undelegated_ops`), and :func:`run_tflite`, which runs a single-image file on LiteRT.
+LiteRT's flatbuffer schema, deeplabq's own metadata (:func:`read_metadata`), what LiteRT's default XNNPACK
+delegate makes of a file (:func:`xnnpack_partitions`, :func:`undelegated_ops`), and :func:`run_tflite`, which
+runs a single-image file on LiteRT.
 """
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter as LiteRTInterpreter
+
+METADATA_NAME = "deeplabq"  # a JSON metadata entry deeplabq writes into files it rewrites (deploy_graph)
 
 
 def _enum_names(enum_class) -> dict[int, str]:
@@ -52,6 +57,17 @@ def weight_scales(tflite_bytes: bytes) -> dict[str, int]:
             scales = kernel.quantization.scale if kernel.quantization is not None else None
             counts[kernel.name.decode()] = 0 if scales is None else len(scales)
     return counts
+
+
+def read_metadata(tflite_bytes: bytes) -> dict:
+    """The ``deeplabq`` metadata of a TFLite file ({} if it has none), e.g. ``{"input": "raw_pixels"}``: the
+    uint8 input takes raw 0..255 pixels whatever its quantization says. Reads only the flatbuffer's index."""
+    model = schema.Model.GetRootAs(tflite_bytes, 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name().decode() == METADATA_NAME:
+            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    return {}
 
 
 def _interpreter(tflite_bytes: bytes, num_threads: int):

@@ -10,7 +10,7 @@ import mlflow
 from omegaconf import DictConfig
 
 from deeplabq import data as data_lib
-from deeplabq import sources, tracking
+from deeplabq import profiling, sources, tracking
 from deeplabq.config import RunSpec
 from deeplabq.evaluation import TFLiteError, TFLiteSegmenter, deploy_metrics, evaluate_keras, tflite_metrics
 
@@ -28,6 +28,19 @@ def fit_crop_to_file(cfg: DictConfig, path: Path, overrides: list[str]) -> DictC
     fitted.dataset.crop_size = [height, width]
     print(f"{path.name} takes {height}x{width} images: dataset.crop_size={[height, width]}")
     return fitted
+
+
+def profile_file(path: Path, kind: str, split, spec: RunSpec, output_dir: Path) -> dict[str, float]:
+    """``eval.profile_ops``: the per-op latency of the file (deeplabq.profiling) on the split's first image,
+    printed, written to ``op_profile.csv`` (logged) and logged as ``<kind>/op_ms/<op type>`` metrics."""
+    image, label = split.load(0)
+    padded, _, _ = data_lib.preprocess_for_eval(image, label, spec.dataset)
+    profile = profiling.profile_ops(path.read_bytes(), threads=max(spec.eval.latency_threads),
+                                    runs=spec.eval.latency_runs, warmup=spec.eval.latency_warmup, image=padded)
+    profile.write_csv(output_dir / "op_profile.csv")
+    tracking.log_artifact(output_dir / "op_profile.csv")
+    print(f"{path.name}, {tracking.cpu_features()}: {profiling.format_profile(profile, top=10)}")
+    return {f"{kind}/op_ms/{op}": ms for op, ms in profile.by("op").items()}
 
 
 def evaluate(cfg: DictConfig, output_dir) -> dict[str, float]:
@@ -54,6 +67,8 @@ def evaluate(cfg: DictConfig, output_dir) -> dict[str, float]:
         if source.kind == "tflite":
             metrics, _ = tflite_metrics(source.path, kind, split, spec.eval, spec.dataset)
             metrics[f"{kind}/size_bytes"] = source.path.stat().st_size
+            if spec.eval.profile_ops:
+                metrics.update(profile_file(source.path, kind, split, spec, output_dir))
         else:
             model = sources.load_keras_model(spec.model, source)
             metrics = evaluate_keras(model, split, spec.dataset, max_images=spec.eval.max_images).metrics(
