@@ -3,10 +3,12 @@
     python convert.py source=<mlflow run id> 'variants=[int8]' export.per_channel=false
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from deeplabq.cli import run_task  # imports deeplabq first: sets TF_USE_LEGACY_KERAS before TensorFlow loads
+from deeplabq.cli import exit_status, run_task  # imports deeplabq first: TF_USE_LEGACY_KERAS before TF loads
 from deeplabq.console import quiet_console
 
 
@@ -20,3 +22,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     main()
+    sys.exit(exit_status())  # 2 when a job of a multirun failed

@@ -4,10 +4,12 @@
     python evaluate.py source=<mlflow run id> eval.split=val
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from deeplabq.cli import run_task  # imports deeplabq first: sets TF_USE_LEGACY_KERAS before TensorFlow loads
+from deeplabq.cli import exit_status, run_task  # imports deeplabq first: TF_USE_LEGACY_KERAS before TF loads
 from deeplabq.console import quiet_console
 
 
@@ -21,3 +23,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     main()
+    sys.exit(exit_status())  # 2 when a job of a multirun failed

@@ -5,10 +5,12 @@
     python train.py -m quant=qat_delayed quant.delay_steps=0,100,200
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from deeplabq.cli import run_task  # imports deeplabq first: sets TF_USE_LEGACY_KERAS before TensorFlow loads
+from deeplabq.cli import exit_status, run_task  # imports deeplabq first: TF_USE_LEGACY_KERAS before TF loads
 from deeplabq.console import quiet_console
 
 
@@ -22,3 +24,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     main()
+    sys.exit(exit_status())  # 2 when a job of a multirun failed

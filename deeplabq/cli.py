@@ -15,6 +15,20 @@ from deeplabq.errors import UserError
 # Errors that mean "your input is wrong": printed as one line, no traceback, exit status 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
 
+_sweep_failed = False
+
+
+def mark_sweep_failed() -> None:
+    """A job of this multirun failed (deeplabq.sweep's callback, in the process that launched the jobs)."""
+    global _sweep_failed
+    _sweep_failed = True
+
+
+def exit_status() -> int:
+    """What an entry point exits with once Hydra returns: 2 if a multirun job failed (each said why in one line),
+    else 0. A single job that fails has exited already (run_task)."""
+    return 2 if _sweep_failed else 0
+
 
 def _in_multirun() -> bool:
     try:

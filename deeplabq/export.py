@@ -195,7 +195,7 @@ def validate_and_write(tflite: bytes, model: keras.Model, variant: str, path: Pa
         raise conversion_failure(variant, error, native.tail(3), stage=litert_op_failure(tflite, error)) from error
     if agreement < min_agreement:
         raise ExportError(f"TFLite variant '{variant}' agrees with its Keras model on only {agreement:.1%} "
-                          f"of pixels (< {min_agreement:.0%})")
+                          f"of pixels (< {min_agreement:.0%}): the file is broken, not kept")
     write_atomically(path, tflite)
     return ExportedModel(variant, path, len(tflite), agreement, op_histogram(tflite), xnnpack_partitions(tflite))
 

@@ -19,8 +19,14 @@ from deeplabq.console import native_output, progress
 from deeplabq.errors import ConfigError
 from deeplabq.export import ExportPlan
 
-# Each variant must agree this well with the Keras model it came from, or it is not kept.
-MIN_AGREEMENT = {"float": 0.99, "float16": 0.97}
+# Each variant must agree this well with the Keras model it came from (fraction of pixels with the same label
+# on export.agreement_images eval images), or it is not kept. Measured on trained models (synthetic default
+# 300 steps; CamVid 1200 steps): float 1.0, float16 0.9996-0.9999, dynamic_range 0.995-0.997, int8 0.984-0.993
+# (per-tensor 0.988), qat_int8 0.986-0.994. Really broken int8 files of the synthetic default: input scale wrong
+# by 255 (calibrated on 0..1) 0.71, by 2 0.80, ranges calibrated on noise 0.81; per-tensor int8 of the Zen 5 main
+# job (mIoU 11.0 against float 58.8) 0.47. The background alone covers ~70% of the pixels, so a file that has
+# lost the objects still agrees on that much.
+MIN_AGREEMENT = {"float": 0.99, "float16": 0.97, "dynamic_range": 0.95, "int8": 0.9, "qat_int8": 0.9}
 
 
 def check_calibration_count(quant: QuantSpec, train_split) -> None:
@@ -66,9 +72,9 @@ def evaluate_and_export(spec: RunSpec, plan: ExportPlan, output_dir: Path, model
     metrics.update(ship(metrics, plan.shipped, plan.float_reference))
     log_figures(output_dir, eval_split, spec.dataset, confusions, plan.shipped,
                 output_dir / "tflite" / f"{plan.shipped}.tflite", max_images)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     if failure is not None:
-        raise failure
+        raise failure  # no metrics.json: a run folder that has one is complete (compare.py reuses it)
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     return metrics
 
 
@@ -151,13 +157,13 @@ def export_and_measure(spec: RunSpec, output_dir: Path, variants: list[str], *, 
                 if child.error is not None:
                     raise export.ExportError(child.error)
                 exported = export.validate_and_write(child.tflite, source, variant, path, check_images=check_images,
-                                                     min_agreement=MIN_AGREEMENT.get(variant, 0.0))
+                                                     min_agreement=MIN_AGREEMENT[variant])
             else:
                 float_layers = (int8_float_layers(spec.export, tflite_dir, source, representative)
                                 if variant == "int8" else [])
                 exported = export.export_variant(
                     source, variant, path, check_images=check_images, export_cfg=spec.export,
-                    representative_images=representative, min_agreement=MIN_AGREEMENT.get(variant, 0.0),
+                    representative_images=representative, min_agreement=MIN_AGREEMENT[variant],
                     float_layers=float_layers)
         except export.ExportError as error:
             print(f"error: {error}")

@@ -27,7 +27,7 @@ from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from deeplabq import figures, mlflow_view, tracking
+from deeplabq import cli, figures, mlflow_view, tracking
 from deeplabq.errors import UserError
 from deeplabq.pareto import pareto_front
 
@@ -166,6 +166,8 @@ class MlflowSweepCallback(Callback):
             failed = True
         finally:
             client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+            if failed:
+                cli.mark_sweep_failed()  # the command exits 2
 
     def _summarize(self, client: MlflowClient, parent) -> bool:
         """Log the summary, the figure and the best child on the parent and print them; True if a job failed."""

@@ -3,6 +3,8 @@ import deeplabq  # noqa: F401, I001
 
 import json
 import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -66,9 +68,25 @@ def tiny_folder_overrides(root: Path) -> list[str]:
             "dataset.num_classes=3"]
 
 
+_STORE_TEMPLATE: list[Path] = []
+
+
+def fresh_store(path: Path) -> Path:
+    """An empty sqlite MLflow store at ``path`` (unless one is there): a copy of one made once per process, as
+    creating the tables takes seconds (more on a loaded machine) and nearly every test needs a store."""
+    if not path.exists():
+        if not _STORE_TEMPLATE:
+            template = Path(tempfile.mkdtemp(prefix="deeplabq-store-template-")) / "mlflow.db"
+            MlflowClient(f"sqlite:///{template}").search_experiments()
+            _STORE_TEMPLATE.append(template)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(_STORE_TEMPLATE[0], path)
+    return path
+
+
 def compose_config(tmp_path: Path, overrides=(), config_name: str = "train", output: str = "run"):
     """A composed config whose outputs and MLflow store (sqlite) live under tmp_path."""
-    store = tmp_path / "mlflow.db"
+    store = fresh_store(tmp_path / "mlflow.db")
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         return compose(
             config_name,
@@ -84,6 +102,31 @@ def compose_config(tmp_path: Path, overrides=(), config_name: str = "train", out
 @pytest.fixture
 def tiny_overrides():
     return list(TINY)
+
+
+# The tiny float run that several files start from (PTQ, QAT fine-tune, convert, evaluate, mismatches).
+TINY_FLOAT_RUN = [*TINY, "train.steps=24", "train.learning_rate=0.05", "export.ptq_variants=[dynamic_range]"]
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished training run: its folder, its MLflow store and run id, and the metrics train() returned."""
+
+    path: Path
+    store: str
+    run_id: str
+    metrics: dict
+
+
+@pytest.fixture(scope="session")
+def tiny_float_run(tmp_path_factory) -> FinishedRun:
+    """TINY_FLOAT_RUN trained once per test process (shared: add runs to its store only by run id, never
+    change its folder)."""
+    from deeplabq.tasks.train import train
+
+    tmp_path = tmp_path_factory.mktemp("tiny_float_run")
+    metrics = train(compose_config(tmp_path, TINY_FLOAT_RUN), tmp_path / "run")
+    return FinishedRun(tmp_path / "run", f"sqlite:///{tmp_path / 'mlflow.db'}", run_id_of(tmp_path / "run"), metrics)
 
 
 def only_run(tmp_path: Path, status: str | None = None):
@@ -129,19 +172,10 @@ def tiny_float_tflite(tiny_model) -> bytes:
     return float_tflite(tiny_model)
 
 
-@pytest.fixture(scope="session")
-def empty_mlflow_db(tmp_path_factory) -> Path:
-    """A sqlite MLflow store with its tables created (which takes seconds), to copy per test."""
-    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
 @pytest.fixture
-def mlflow_store(tmp_path, empty_mlflow_db) -> str:
+def mlflow_store(tmp_path) -> str:
     """An empty sqlite store at tmp_path/mlflow.db (where compose_config points), made the tracking URI."""
-    shutil.copy(empty_mlflow_db, tmp_path / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{fresh_store(tmp_path / 'mlflow.db')}"
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run() is not None:

@@ -1,12 +1,15 @@
-"""The entry points as a user runs them (subprocesses): exit codes, messages, MLflow runs, sweeps."""
+"""The entry points as a user runs them (subprocesses): bad input gives exit 2, one line, a FAILED run and nothing
+half-written that looks complete."""
 
 import subprocess
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from .conftest import ROOT, TINY, make_bad_folder_dataset, only_run, tiny_folder_overrides
+from .conftest import ROOT, TINY, fresh_store, make_bad_folder_dataset, tiny_folder_overrides
 
 TINY_EVAL = [o for o in TINY if not o.startswith("train.")]  # evaluate.py / convert.py have no train group
 
@@ -14,63 +17,103 @@ pytestmark = pytest.mark.slow
 
 
 def run_cli(script: str, tmp_path, *overrides, expect: int = 0, output: str = "run"):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = f"sqlite:///{fresh_store(tmp_path / 'mlflow.db')}"
     multirun = "-m" in overrides
     overrides = [o for o in overrides if o != "-m"]
     args = [sys.executable, str(ROOT / script), *(["-m"] if multirun else []), f"tracking.tracking_uri={store}",
             f"tracking.artifact_location={tmp_path / 'mlartifacts'}", *overrides,
-            f"hydra.sweep.dir={tmp_path / 'sweep'}" if multirun else f"hydra.run.dir={tmp_path / output}"]
+            # a multirun keeps its configured sweep dir (its interpolations are what broke once), under tmp_path
+            f"paths.root_dir={tmp_path}" if multirun else f"hydra.run.dir={tmp_path / output}"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == expect, done.stderr[-3000:]
     return done
 
 
-def test_impossible_value_exits_2_with_the_key_and_fails_the_run(tmp_path):
-    done = run_cli("train.py", tmp_path, *TINY, "backbone.output_stride=12", expect=2)
-    assert "deeplabq: error: backbone.output_stride must be one of (8, 16, 32), got 12" in done.stderr
+@dataclass
+class BadInput:
+    """A command given something wrong, and what it must say."""
+
+    script: str
+    overrides: list[str]
+    says: str  # the start of the one error line, after "deeplabq: error: "
+    statuses: list[str] = field(default_factory=lambda: ["FAILED"])  # of every run in the store but a sweep's parent
+    also_says: list[str] = field(default_factory=list)  # further text of that line or of the details after it
+
+
+def bad_input(case: str, tmp_path: Path, float_run) -> BadInput:
+    if case == "impossible_value":
+        return BadInput("train.py", [*TINY, "backbone.output_stride=12"],
+                        "backbone.output_stride must be one of (8, 16, 32), got 12")
+    if case == "missing_root":
+        missing = tmp_path / "no_such_camvid"
+        return BadInput("train.py", [*(o for o in TINY if not o.startswith("dataset")), "dataset=camvid",
+                                     f"dataset.root={missing}"], f"dataset.root {missing} does not exist")
+    if case == "corrupt_image":
+        bad = make_bad_folder_dataset(tmp_path / "data")
+        return BadInput("train.py", tiny_folder_overrides(tmp_path / "data"),
+                        f"3 bad files in folder val: first: {bad['out_of_range']}: ",
+                        also_says=[str(path) for path in bad.values()])
+    if case == "checkpoint_mismatch":
+        return BadInput("train.py", [*TINY, "quant=ptq", "backbone=mnv2_dm100",
+                                     f"quant.float_checkpoint={float_run.path}"],
+                        "quant.float_checkpoint=checkpoint ",  # a run folder outside this store: no run config
+                        also_says=["hint: the run's model was built with another architecture"])
+    if case == "export_fails":
+        return BadInput("train.py", [*TINY, "quant=ptq", "quant.scheme=int8",
+                                     f"quant.float_checkpoint={float_run.path}", "export.int8_debug_images=0",
+                                     "export.int8_float_layers=[Conv1,Conv9]"],
+                        "TFLite variant 'int8' failed: ", also_says=["no op of layer(s) ['Conv9']"])
+    if case == "truncated_tflite":
+        broken = tmp_path / "broken.tflite"
+        broken.write_bytes(b"TFL3" + b"\0" * 100)
+        return BadInput("evaluate.py", [*TINY_EVAL, f"source={broken}"], "broken.tflite is not a loadable TFLite model")
+    if case == "unknown_run_id":
+        return BadInput("evaluate.py", [*TINY_EVAL, "source=0123456789abcdef0123456789abcdef"],
+                        "MLflow run '0123456789abcdef0123456789abcdef' does not exist", statuses=[])
+    if case == "failed_multirun_job":  # PTQ needs no training: one job finishes, the other's checkpoint is missing
+        return BadInput("train.py", ["-m", *TINY, "quant=ptq", "quant.scheme=dynamic_range",
+                                     f"quant.float_checkpoint={float_run.path},{tmp_path / 'no_such_run'}"],
+                        "quant.float_checkpoint=", also_says=["no_such_run"], statuses=["FAILED", "FINISHED"])
+    raise AssertionError(case)
+
+
+CASES = ["impossible_value", "missing_root", "corrupt_image", "checkpoint_mismatch", "export_fails",
+         "truncated_tflite", "unknown_run_id", "failed_multirun_job"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_exits_2_with_one_line_a_failed_run_and_nothing_half_written(tmp_path, tiny_float_run, case):
+    given = bad_input(case, tmp_path, tiny_float_run)
+    done = run_cli(given.script, tmp_path, *given.overrides, expect=2)
+    errors = [line for line in done.stderr.splitlines() if "deeplabq: error:" in line]
+    assert len(errors) == 1, done.stderr[-3000:]  # one line, for the one job that failed
+    assert errors[0].startswith(f"deeplabq: error: {given.says}"), errors[0]
+    assert all(text in done.stderr for text in given.also_says), done.stderr[-3000:]  # the line, or details below
     assert "Traceback" not in done.stderr
-    only_run(tmp_path, status="FAILED")
-
-
-def test_bad_dataset_files_are_all_named_in_one_error_before_training(tmp_path, mlflow_store):
-    bad = make_bad_folder_dataset(tmp_path / "data")
-    done = run_cli("train.py", tmp_path, *tiny_folder_overrides(tmp_path / "data"), expect=2)
-    lines = done.stderr.splitlines()
-    assert [line for line in lines if "deeplabq: error:" in line] == [lines[0]], done.stderr[-3000:]
-    assert lines[0].startswith(f"deeplabq: error: 3 bad files in folder val: first: {bad['out_of_range']}: ")
-    assert all(str(path) in done.stderr for path in bad.values()) and "Traceback" not in done.stderr
-    only_run(tmp_path, status="FAILED")
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parents = [r for r in runs if r.data.tags.get("deeplabq.sweep") == "parent"]
+    jobs = [r for r in runs if r not in parents]
+    assert sorted(r.info.status for r in jobs) == given.statuses
+    if parents:  # a sweep with a failed job ends FAILED, and says so
+        assert [p.info.status for p in parents] == ["FAILED"] and "a job FAILED" in done.stdout
+    for job in jobs:
+        if job.info.status == "FAILED":
+            assert given.says in job.data.tags["deeplabq.error"]
+            # Nothing that looks complete: no metrics.json, no checkpoint of a job that failed before training,
+            # no partial file, no file of the variant that failed.
+            folder = next(p.parent for p in tmp_path.rglob("mlflow_run.json") if job.info.run_id in p.read_text())
+            assert not (folder / "metrics.json").exists()
+            assert not list(folder.rglob("*.partial"))
+            assert not (folder / "checkpoints").exists()
+            assert not (folder / "tflite" / "int8.tflite").exists()
+            if case == "export_fails":  # the variants that did convert are kept
+                assert (folder / "tflite" / "float.tflite").is_file()
 
 
 def test_unknown_config_key_is_refused(tmp_path):
     done = run_cli("train.py", tmp_path, *TINY, "train.stepz=5", expect=1)
     assert "stepz" in done.stderr
-
-
-def test_evaluate_refuses_a_truncated_tflite_file(tmp_path):
-    broken = tmp_path / "broken.tflite"
-    broken.write_bytes(b"TFL3" + b"\0" * 100)
-    done = run_cli("evaluate.py", tmp_path, *TINY_EVAL, f"source={broken}", expect=2)
-    assert "broken.tflite is not a loadable TFLite model" in done.stderr
-    only_run(tmp_path, status="FAILED")
-
-
-def test_evaluate_refuses_an_unknown_run_id(tmp_path):
-    done = run_cli("evaluate.py", tmp_path, *TINY_EVAL, "source=0123456789abcdef0123456789abcdef", expect=2)
-    assert "MLflow run '0123456789abcdef0123456789abcdef' does not exist" in done.stderr
-
-
-def test_a_sweep_with_failed_jobs_ends_with_its_parent_failed(tmp_path):
-    done = run_cli("train.py", tmp_path, "-m", *TINY, "backbone.output_stride=12,7")
-    assert done.stderr.count("deeplabq: error: backbone.output_stride must be one of") == 2
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    (parent,) = [r for r in runs if r.data.tags.get("deeplabq.sweep") == "parent"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FAILED" and parent.info.run_name == "sweep backbone.output_stride=12,7"
-    assert sorted(c.info.status for c in children) == ["FAILED", "FAILED"]
-    assert "a job FAILED" in done.stdout
 
 
 def test_only_user_errors_become_one_line_with_exit_2(tmp_path, capsys):

@@ -1,53 +1,54 @@
 """compare.py's results table: one row per artifact, latencies measured again side by side."""
 
 import json
+import os
+import shutil
+from pathlib import Path
 
-import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from deeplabq import quantization as Q
-from deeplabq.model import DeepLabSpec, build_deeplab
-from deeplabq.tasks.compare import run_comparison
+from deeplabq.tasks.compare import _stage_overrides, run_comparison, run_stage
+
+from .conftest import TINY
 
 
-def test_table_of_finished_stages_times_every_file_again(tmp_path):
-    model = build_deeplab(DeepLabSpec(num_classes=3, crop_size=(33, 33), depth_multiplier=0.35))
-    calibration = list(np.random.default_rng(0).uniform(0, 255, (2, 33, 33, 3)).astype(np.float32))
+def test_table_of_stages_that_ran_times_every_file_again(tmp_path, tiny_float_run):
+    """The float stage is a finished tiny float run; the ptq stage runs through compare.py's stage runner (a
+    train.py job of the camvid_ptq preset, on the synthetic data at TINY size); qat stages have not run."""
     out, docs, store = tmp_path / "compare", tmp_path / "docs", f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(FileNotFoundError, match="--table-only: .*float/metrics.json does not exist"):
         run_comparison("camvid", [0.5], [], out, store, docs, table_only=True)
-
-    float_file, int8_file = Q.float_tflite(model), Q.ptq_int8_tflite(model, calibration)
-    # The float run exported int8 too; the ptq stage's own int8 (and not its copy of float) replaces it.
-    # qat_delayed has not run: the table has the stages that finished.
-    files = {("float", "float"): float_file, ("float", "int8"): int8_file, ("ptq", "float"): float_file,
-             ("ptq", "int8"): int8_file, ("qat_finetune", "qat_int8"): int8_file}
-    for stage in ("float", "ptq", "qat_finetune"):
-        metrics = {"wall_time_s": 60.0}
-        for (file_stage, artifact), tflite in files.items():
-            if file_stage == stage:
-                (out / "dm0.5" / stage / "tflite").mkdir(parents=True, exist_ok=True)
-                (out / "dm0.5" / stage / "tflite" / f"{artifact}.tflite").write_bytes(tflite)
-                metrics.update({f"{artifact}/miou": 50.0 if artifact == "float" else 49.0,
-                                f"{artifact}/size_bytes": len(tflite),
-                                f"{artifact}/latency_ms_t1": 1e6, f"{artifact}/latency_ms_t2": 1e6})
-        (out / "dm0.5" / stage / "metrics.json").write_text(json.dumps(metrics))
+    stages = out / "dm0.5"
+    shutil.copytree(tiny_float_run.path, stages / "float")
+    tiny = [*TINY, "dataset.min_resize_value=null", "dataset.max_resize_value=null", "dataset.max_scale_factor=1.25",
+            f"tracking.artifact_location={tmp_path / 'mlartifacts'}"]
+    ptq = run_stage("camvid_ptq", "mnv2_dm050", stages / "ptq",
+                    [*_stage_overrides("ptq", stages / "float", store), *tiny], env=dict(os.environ))
+    assert ptq == json.loads((stages / "ptq" / "metrics.json").read_text()) and ptq["wall_time_s"] > 0
+    recorded = {"float": json.loads((stages / "float" / "metrics.json").read_text()), "ptq": ptq}
 
     table = run_comparison("camvid", [0.5], [], out, store, docs, table_only=True).splitlines()
-    assert [line.split(" | ")[1] for line in table[2:]] == ["float", "int8 (ptq)", "qat_int8 (qat_finetune)"]
-    assert table[3].startswith("| 0.5 | int8 (ptq) | 49.00 | -1.00 |")
+    assert [line.split(" | ")[1] for line in table[2:]] == ["float", "dynamic_range", "int8 (ptq)"]
     rows = json.loads((docs / "camvid_results.json").read_text())
-    assert rows[1]["path"] == str(out / "dm0.5" / "ptq" / "tflite" / "int8.tflite")
-    for row in rows:
-        assert 0 < row["latency_t1"] < 1e4 and 0 < row["latency_t2"] < 1e4  # measured now, not the runs' 1e6
+    for row, (stage, artifact) in zip(rows, [("float", "float"), ("float", "dynamic_range"), ("ptq", "int8")],
+                                      strict=True):
+        assert row["path"] == str(stages / stage / "tflite" / f"{artifact}.tflite") and Path(row["path"]).is_file()
+        assert row["miou"] == recorded[stage][f"{artifact}/miou"]
+        assert row["delta"] == pytest.approx(row["miou"] - recorded["float"]["float/miou"])
+        assert row["size_bytes"] == Path(row["path"]).stat().st_size
+        assert 0 < row["latency_t1"] < 1e4 and 0 < row["latency_t2"] < 1e4  # measured again, side by side
+    assert table[4].startswith(f"| 0.5 | int8 (ptq) | {ptq['int8/miou']:.2f} |")
     assert rows[0]["speedup_t1"] == 1.0 and rows[0]["speedup_t2"] == 1.0
     assert (docs / "camvid_results.png").stat().st_size > 10_000
     client = MlflowClient(store)
     (parent,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
-                 if r.info.status == "FINISHED"]
+                 if r.data.tags.get("deeplabq.recipe") == "camvid" and r.info.status == "FINISHED"]
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
         "camvid_results.md", "camvid_results.json", "camvid_results.png"}
+    (ptq_run,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+                  if r.data.tags.get("deeplabq.quant_mode") == "ptq"]
+    assert ptq_run.info.status == "FINISHED" and ptq_run.data.metrics["int8/miou"] == ptq["int8/miou"]
 
 
 def test_recipes_have_their_presets_and_own_stage_directories(tmp_path):

@@ -16,11 +16,23 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("primary", ["train", "evaluate", "convert"])
-@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+def default_choices(primary: str) -> dict[str, str]:
+    """The option each group of ``conf/<primary>.yaml`` composes when none is given."""
+    from omegaconf import OmegaConf
+
+    entries = OmegaConf.to_container(OmegaConf.load(CONF_DIR / f"{primary}.yaml"))["defaults"]
+    return {k: v for entry in entries if isinstance(entry, dict) for k, v in entry.items()}
+
+
+# Every option a primary config does not compose by default (the defaults themselves: test_default_config_is_valid
+# and every other test); the train group belongs to train.py only.
+COMPOSE_CASES = [(primary, group, option) for primary in ("train", "evaluate", "convert")
+                 for group, default in default_choices(primary).items() if group in GROUPS
+                 for option in options(group) if option != default]
+
+
+@pytest.mark.parametrize(("primary", "group", "option"), COMPOSE_CASES)
 def test_every_group_option_composes(tmp_path, primary, group, option):
-    if group == "train" and primary != "train":
-        pytest.skip("the train group belongs to train.py only")
     extra = ["dataset.root=/data/x", "dataset.num_classes=3"] if (group, option) == ("dataset", "folder") else []
     cfg = compose_config(tmp_path, [f"{group}={option}", *extra], config_name=primary)
     # Every value resolves (no dangling interpolation) and the model spec can be built.
@@ -28,6 +40,15 @@ def test_every_group_option_composes(tmp_path, primary, group, option):
 
     OmegaConf.to_container(cfg, resolve=True)
     spec_from_config(cfg).validate()
+
+
+def test_compose_cases_cover_every_option_and_no_default():
+    for primary in ("train", "evaluate", "convert"):
+        chosen = default_choices(primary)
+        cases = {(g, o) for p, g, o in COMPOSE_CASES if p == primary}
+        assert not any(chosen.get(g) == o for g, o in cases)
+        assert all((g, o) in cases or chosen[g] == o for g in chosen if g in GROUPS for o in options(g))
+    assert not any(g == "train" for p, g, _ in COMPOSE_CASES if p != "train")
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")))

@@ -15,6 +15,7 @@ from deeplabq.data import (
     cached_pipeline,
     check_files,
     input_pipeline,
+    iterate,
     open_split,
     postprocess_labels,
     preprocess_for_eval,
@@ -334,6 +335,24 @@ def test_corrupt_image_names_file_also_through_pipeline(tmp_path):
         data.load(1)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"DatasetError: cannot read image .*img1\.png"):
         list(input_pipeline(data, cfg, training=True, batch_size=2, repeat=False))
+    # iterate(), what training and evaluation read batches with, gives back the reader's own error, one line
+    with pytest.raises(DatasetError) as error:
+        list(iterate(input_pipeline(data, cfg, training=True, batch_size=2, repeat=False)))
+    assert str(error.value).startswith("cannot read image ") and "img1.png" in str(error.value)
+    assert "\n" not in str(error.value) and error.value.__cause__ is None and error.value.__suppress_context__
+
+
+def test_iterate_keeps_errors_that_are_not_the_readers(tmp_path):
+    """An op error without a DatasetError inside is a bug: it propagates as TensorFlow raised it."""
+    import numpy as np
+
+    def broken(index):
+        raise ZeroDivisionError("not a reader error")
+
+    dataset = tf.data.Dataset.range(2).map(lambda i: tf.numpy_function(broken, [i], tf.int64))
+    with pytest.raises(tf.errors.UnknownError, match="ZeroDivisionError: not a reader error"):
+        list(iterate(dataset))
+    assert [int(x) for x in iterate(tf.data.Dataset.from_tensor_slices(np.arange(3)))] == [0, 1, 2]  # and it ends
 
 
 def test_image_label_size_mismatch_names_both_files(tmp_path):

@@ -169,7 +169,7 @@ def test_delayed_qat(sandbox):
     m = run.data.metrics
     for key in ("qat_int8/miou", "qat_int8/size_bytes", "qat_int8/latency_ms_t1", "qat_int8/agreement"):
         assert key in m, key
-    assert m["deploy/miou"] == m["qat_int8/miou"] and "deploy/delta_miou" not in m  # no float model survives
+    assert "deploy/delta_miou" not in m  # no float model survives (learning and bars: tests/test_learning.py)
     assert "tflite/qat_int8.tflite" in {a.path for a in sandbox.client.list_artifacts(run.info.run_id, "tflite")}
 
 
@@ -282,7 +282,7 @@ def test_evaluate_a_tflite_file_of_a_run(sandbox):
     assert run.data.tags["mlflow.parentRunId"] == sandbox.main_run.info.run_id  # found from the file's folder
     # the same file on the same images (the run's config) scores what training measured
     assert run.data.metrics["deploy/miou"] == pytest.approx(sandbox.main_run.data.metrics["int8/miou"])
-    assert "mIoU" in done.stdout
+    assert f"mIoU {run.data.metrics['deploy/miou']:.2f} %" in done.stdout
     # the per-op profile: every op type of the file timed, the slowest printed, the table logged
     assert {"int8/op_ms/CONV_2D", "int8/op_ms/ARG_MAX", "int8/op_ms/DEQUANTIZE"} <= set(run.data.metrics)
     assert "by op type: " in done.stdout and "sum of ops" in done.stdout

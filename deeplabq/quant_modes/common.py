@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from deeplabq import distribute, quantization
 from deeplabq.config import RunSpec, require
-from deeplabq.errors import SourceError
+from deeplabq.errors import InputNotFoundError, SourceError
 from deeplabq.quant_modes.base import TrainContext
 from deeplabq.sources import CHECKPOINT_DIR, load_weights, resolve_source
 from deeplabq.training import init_batches, initialize_weights
@@ -27,7 +27,10 @@ def require_float_checkpoint(spec: RunSpec) -> None:
 def load_float_checkpoint(model, spec: RunSpec) -> str:
     """Load ``quant.float_checkpoint`` (a float run dir, checkpoint prefix or MLflow run id) into ``model``."""
     float_checkpoint = spec.quant.float_checkpoint
-    source = resolve_source(str(float_checkpoint))
+    try:
+        source = resolve_source(str(float_checkpoint))
+    except InputNotFoundError as error:  # name the key that pointed at it
+        raise InputNotFoundError(f"quant.float_checkpoint={float_checkpoint}: {error}") from None
     if source.kind != "checkpoint" or source.quantized:
         raise SourceError(f"quant.float_checkpoint={float_checkpoint} is not a float checkpoint "
                           f"({source.describe()})")
