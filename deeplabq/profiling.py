@@ -11,7 +11,8 @@ sum is an estimate, close when the big ops dominate).
 
 Each row names the Keras layer the op came from (from the converter's tensor names), its median time, its
 share of the sum, its multiply-accumulates and whether XNNPACK took it (``delegated``: ops it leaves, such as
-ARG_MAX, run on TFLite's own kernels).
+ARG_MAX, run on TFLite's own kernels; so do ops XNNPACK takes but cannot run alone). An op whose inputs are all
+constants (the weight DEQUANTIZE of a float16 file) runs once when the file loads and counts 0 ms.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass
 import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
-from ai_edge_litert.interpreter import Interpreter
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from deeplabq.console import native_output
 from deeplabq.evaluation import interleaved_invoke_ms
@@ -102,9 +103,12 @@ def _has_data(model, tensor) -> bool:
     return data is not None and len(data) > 0
 
 
-def one_op_model(model, index: int) -> bytes:
+def one_op_model(model, index: int, constants: dict[int, np.ndarray] | None = None) -> bytes:
     """A flatbuffer with only operator ``index`` of ``model`` (a ``schema.ModelT``): its tensors, renumbered,
-    and the buffers of its constant inputs; every other input becomes a model input."""
+    and the buffers of its constant inputs; every other input becomes a model input. ``constants`` gives the
+    values of inputs that are computed from constants alone (a float16 file's dequantized weights), which
+    become constant buffers too, as XNNPACK makes them when it loads the whole file."""
+    constants = constants or {}
     graph = model.subgraphs[0]
     operator = graph.operators[index]
     used = [t for t in list(operator.inputs) + list(operator.outputs) if t >= 0]
@@ -118,6 +122,11 @@ def one_op_model(model, index: int) -> bytes:
         if _has_data(model, tensor):
             buffers.append(model.buffers[tensor.buffer])
             tensor.buffer = len(buffers) - 1
+        elif old in constants and old in operator.inputs:
+            buffer = schema.BufferT()
+            buffer.data = np.frombuffer(np.ascontiguousarray(constants[old]).tobytes(), np.uint8).copy()
+            buffers.append(buffer)
+            tensor.buffer = len(buffers) - 1
         else:
             buffers.append(schema.BufferT())
             tensor.buffer = len(buffers) - 1
@@ -129,7 +138,8 @@ def one_op_model(model, index: int) -> bytes:
         op.intermediates = [renumber[t] for t in operator.intermediates if t >= 0]
     sub = schema.SubGraphT()
     sub.tensors, sub.operators = tensors, [op]
-    sub.inputs = [renumber[t] for t in operator.inputs if t >= 0 and not _has_data(model, graph.tensors[t])]
+    sub.inputs = [renumber[t] for t in operator.inputs
+                  if t >= 0 and not _has_data(model, graph.tensors[t]) and t not in constants]
     sub.outputs = list(op.outputs)
     sub.name = b"main"
     one = schema.ModelT()
@@ -160,10 +170,13 @@ def _tiny_model() -> bytes:
     return bytes(builder.Output())
 
 
-def _loaded(tflite: bytes, threads: int, inputs: list[np.ndarray] | None = None, rng=None):
-    """An allocated interpreter with its inputs set: ``inputs`` in order, else random values of each type."""
+def _loaded(tflite: bytes, threads: int, inputs: list[np.ndarray] | None = None, rng=None, *,
+            xnnpack: bool = True):
+    """An allocated interpreter with its inputs set: ``inputs`` in order, else random values of each type;
+    ``xnnpack=False``: on TFLite's own kernels only."""
+    resolver = {} if xnnpack else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
     with native_output():
-        interpreter = Interpreter(model_content=tflite, num_threads=threads)
+        interpreter = Interpreter(model_content=tflite, num_threads=threads, **resolver)
         interpreter.allocate_tensors()
     for position, detail in enumerate(interpreter.get_input_details()):
         dtype = detail["dtype"]
@@ -215,13 +228,24 @@ def profile_ops(tflite: bytes, *, threads: int = 2, runs: int = 30, warmup: int 
     type_names = _enum_names(schema.TensorType)
     rng = np.random.default_rng(seed)
     activations = _activations(tflite, image, rng)
-    rows, interpreters = [], {}
+    rows, interpreters, constants = [], {}, {}
     for index, operator in enumerate(graph.operators):
         op = _OP_NAMES[codes[operator.opcodeIndex]]
         output = graph.tensors[operator.outputs[0]]
-        variable = [t for t in operator.inputs if t >= 0 and not _has_data(model, graph.tensors[t])]
-        interpreter = _loaded(one_op_model(model, index), threads, [activations[t] for t in variable])
+        variable = [t for t in operator.inputs if t >= 0 and not _has_data(model, graph.tensors[t])
+                    and t not in constants]
+        if not variable:  # constants only (a float16 file's weight DEQUANTIZE): computed once, when the file loads
+            rows.append((index, op, layer_name(output.name.decode(), op), 0, False, type_names[output.type]))
+            constants.update({t: activations[t] for t in operator.outputs if t in activations})
+            continue
+        one_op, inputs = one_op_model(model, index, constants), [activations[t] for t in variable]
+        interpreter = _loaded(one_op, threads, inputs)
         delegated = _delegation(interpreter)[0] > 0
+        try:
+            with native_output():
+                interpreter.invoke()
+        except RuntimeError:  # XNNPACK takes the op but cannot run it alone (seen: dynamic-range convolutions)
+            interpreter, delegated = _loaded(one_op, threads, inputs, xnnpack=False), False
         interpreters[index] = interpreter
         rows.append((index, op, layer_name(output.name.decode(), op), _macs(op, graph, operator), delegated,
                      type_names[output.type]))
@@ -229,7 +253,7 @@ def profile_ops(tflite: bytes, *, threads: int = 2, runs: int = 30, warmup: int 
     interpreters["invoke"] = _loaded(_tiny_model(), threads, rng=rng)
     median = interleaved_invoke_ms(interpreters, warmup=warmup, runs=runs)
     invoke_ms = median["invoke"]
-    op_ms = {index: max(median[index] - invoke_ms, 0.0) for index, *_ in rows}
+    op_ms = {index: max(median[index] - invoke_ms, 0.0) if index in median else 0.0 for index, *_ in rows}
     total = sum(op_ms.values()) or 1.0
     ops = [OpTime(index, op, layer, op_ms[index], op_ms[index] / total, macs, delegated, out_type)
            for index, op, layer, macs, delegated, out_type in rows]

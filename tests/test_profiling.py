@@ -48,3 +48,17 @@ def test_one_op_model_runs_the_op_on_its_own(tiny_float_tflite):
     one.invoke()
     (out,) = one.get_output_details()
     np.testing.assert_allclose(one.get_tensor(out["index"]), activations[operator.outputs[0]], rtol=1e-4, atol=1e-4)
+
+
+def test_float16_and_dynamic_range_files_are_profiled_too(tiny_model):
+    """A float16 file's weight DEQUANTIZE ops are constants (0 ms); dynamic-range convolutions, which XNNPACK
+    takes but cannot run alone, are timed on TFLite's own kernels instead of failing the profile."""
+    from deeplabq import export
+
+    for variant in ("float16", "dynamic_range"):
+        tflite = export.to_tflite(tiny_model, variant)
+        profile = profiling.profile_ops(tflite, threads=1, runs=3, warmup=1)
+        assert len(profile.ops) == sum(op_histogram(tflite).values()) and profile.whole_ms > 0
+        if variant == "float16":  # the weights dequantized once, as constants: XNNPACK runs the convolutions
+            assert all(op.ms == 0 for op in profile.ops if op.op == "DEQUANTIZE")
+            assert all(op.delegated for op in profile.ops if op.op in ("CONV_2D", "DEPTHWISE_CONV_2D"))
