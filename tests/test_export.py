@@ -138,3 +138,9 @@ def test_float16_arithmetic_is_asked_for_in_the_file_only_when_set(tiny_model, c
     fp16 = export.to_tflite(tiny_model, "float16", float16_arithmetic=True)
     assert metadata(fp16)["reduced_precision_support"] == b"fp16accfp16"  # XNNPACK's fp16 path, ARMv8.2+
     assert export.pixel_agreement(fp16, tiny_model, tiny_images(1)) > 0.97  # x86: still fp32 arithmetic here
+
+
+def test_every_variant_has_a_minimum_agreement():
+    from deeplabq.reporting import MIN_AGREEMENT
+
+    assert set(MIN_AGREEMENT) == set(export.VARIANTS)
