@@ -94,6 +94,17 @@ def load_interpreter(source: dict, num_threads: int):
     return interpreter
 
 
+def input_tensor(batch: np.ndarray, detail: dict, *, raw_pixels: bool) -> np.ndarray:
+    """0..255 pixels as a file's input tensor (``detail``: its input details): float as they are, integer raw
+    when the file says so (``raw_pixels``) or has no scale, else quantized with its scale and zero point."""
+    dtype = detail["dtype"]
+    if np.issubdtype(dtype, np.floating):
+        return batch.astype(dtype)
+    scale, zero_point = detail["quantization"]
+    values = np.round(batch) if scale == 0 or raw_pixels else np.round(batch / scale + zero_point)
+    return np.clip(values, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+
+
 class TFLiteSegmenter:
     """Runs a DeepLab TFLite file on images, whatever its I/O types.
 
@@ -121,15 +132,7 @@ class TFLiteSegmenter:
         self.outputs_labels = len(self.output["shape"]) == 3  # ArgMax inside: (1, H, W) labels
 
     def _prepare(self, image: np.ndarray) -> np.ndarray:
-        dtype = self.input["dtype"]
-        batch = np.asarray(image, dtype=np.float32)[None]
-        if np.issubdtype(dtype, np.floating):
-            return batch.astype(dtype)
-        scale, zero_point = self.input["quantization"]
-        if scale == 0 or self.raw_pixels:
-            return np.clip(np.round(batch), np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
-        quantized = np.round(batch / scale + zero_point)
-        return np.clip(quantized, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+        return input_tensor(np.asarray(image, dtype=np.float32)[None], self.input, raw_pixels=self.raw_pixels)
 
     def set_input(self, image: np.ndarray) -> None:
         if tuple(image.shape[:2]) != self.input_hw:

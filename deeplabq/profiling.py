@@ -28,8 +28,8 @@ from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from deeplabq.console import native_output
-from deeplabq.evaluation import interleaved_invoke_ms
-from deeplabq.quantization.inspection import _delegation, _enum_names
+from deeplabq.evaluation import input_tensor, interleaved_invoke_ms
+from deeplabq.quantization.inspection import _delegation, _enum_names, read_metadata
 
 _OP_NAMES = _enum_names(schema.BuiltinOperator)
 _NUMPY_TYPES = {
@@ -201,12 +201,9 @@ def _activations(tflite: bytes, image: np.ndarray | None, rng) -> dict[int, np.n
     (detail,) = interpreter.get_input_details()
     if image is None:
         image = rng.integers(0, 256, detail["shape"])
-    image = np.asarray(image, np.float32).reshape(detail["shape"])
-    scale, zero_point = detail["quantization"]
-    if np.issubdtype(detail["dtype"], np.integer):
-        image = np.round(image / scale + zero_point) if scale else np.round(image)
-        image = np.clip(image, np.iinfo(detail["dtype"]).min, np.iinfo(detail["dtype"]).max)
-    interpreter.set_tensor(detail["index"], image.astype(detail["dtype"]))
+    raw_pixels = read_metadata(tflite).get("input") == "raw_pixels"  # a folded input takes pixels as they are
+    batch = np.asarray(image, np.float32).reshape(detail["shape"])
+    interpreter.set_tensor(detail["index"], input_tensor(batch, detail, raw_pixels=raw_pixels))
     interpreter.invoke()
     values = {}
     for tensor in interpreter.get_tensor_details():
