@@ -230,19 +230,17 @@ def test_delay_sweep(sandbox):
     assert parent.data.params["quant.delay_steps"] == "0,100,200" and parent.data.params["quant"] == "qat_delayed"
 
 
-def test_float_and_qat_sweep(sandbox):
-    done = sandbox.run("python train.py -m quant=float,qat_delayed quant.delay_steps=100")
+def test_parallel_float_and_qat_sweep_with_joblib(sandbox):
+    done = sandbox.run("python train.py -m hydra/launcher=joblib hydra.launcher.n_jobs=2 quant=float,qat_delayed "
+                       "quant.delay_steps=100")
     assert_sweep(sandbox, 2, done)
-    summary = sandbox.client.download_artifacts(sandbox.runs(deeplabq__sweep="parent")[-1].info.run_id,
-                                                "sweep_summary.md")
+    parent = sandbox.runs(deeplabq__sweep="parent")[-1]
+    children = sandbox.runs(mlflow__parentRunId=parent.info.run_id)
+    assert sorted(c.data.tags["deeplabq.quant_mode"] for c in children) == ["float", "qat_delayed"]
+    assert len({c.data.tags["deeplabq.pid"] for c in children}) == 2  # joblib ran them in two processes
+    summary = sandbox.client.download_artifacts(parent.info.run_id, "sweep_summary.md")
     qat_row = next(line for line in Path(summary).read_text().splitlines() if "| qat_delayed |" in line)
     assert "| +" in qat_row or "| -" in qat_row  # a delta against the sweep's float run
-
-
-def test_parallel_sweep_with_joblib(sandbox):
-    done = sandbox.run("python train.py -m hydra/launcher=joblib hydra.launcher.n_jobs=2 quant=qat_delayed "
-                       "quant.delay_steps=0,100")
-    assert_sweep(sandbox, 2, done)
 
 
 def test_convert_keeping_the_worst_layers_float(sandbox):
