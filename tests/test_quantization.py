@@ -290,7 +290,7 @@ def test_deploy_graph_rewrites_keep_the_labels_and_one_partition(quantized):
     """fold_input_normalization + float_tail: MUL/ADD gone, a DEQUANTIZE before the final resize, still one
     XNNPACK partition, and the labels of the QAT file on LiteRT (raw pixels in, as before)."""
     _, qat_model, _, tflite = quantized
-    rewritten, applied = Q.optimize_int8(tflite)
+    rewritten, applied = Q.optimize_int8(tflite, tail_min_upsampling=1)  # v3+ too (by default it keeps int8)
     assert applied == ["fold_input_normalization", "float_tail"]
     before, after = Q.op_histogram(tflite), Q.op_histogram(rewritten)
     assert "MUL" not in after and after["ADD"] == before["ADD"] - 1 and after["DEQUANTIZE"] == 1
@@ -311,6 +311,13 @@ def test_deploy_graph_rewrites_keep_the_labels_and_one_partition(quantized):
 
     segmenter = TFLiteSegmenter(rewritten)  # feeds raw pixels to a folded input (its metadata says so)
     assert segmenter.raw_pixels and np.array_equal(segmenter.predict(x[0]), labels[0])
+
+
+def test_the_float_tail_is_for_logits_upsampled_8x_or_more(quantized_v3, quantized_v3plus):
+    """DeepLabv3 (logits 3x3 -> 33x33 here) gets the float tail; a v3+ decoder's logits (9x9 -> 33x33) keep
+    their int8 resize and ArgMax, which measured faster there (README "Where int8 time goes")."""
+    assert Q.optimize_int8(quantized_v3[3])[1] == ["fold_input_normalization", "float_tail"]
+    assert Q.optimize_int8(quantized_v3plus[3])[1] == ["fold_input_normalization"]
 
 
 def test_deploy_graph_rewrites_leave_other_graphs_alone(quantized_v3):

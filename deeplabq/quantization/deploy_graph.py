@@ -9,8 +9,9 @@ per-op profile (``deeplabq.profiling``, README "Where int8 time goes"):
   (``deeplabq_input: raw_pixels``), since the input's quantization now describes the normalized image.
 * :func:`float_tail` -- the end of the graph, ``RESIZE_BILINEAR`` of the logits to the full image and
   ``ARG_MAX``, runs on float logits: a ``DEQUANTIZE`` of the small logits map goes in front of the resize.
-  Neither op gains from int8 on XNNPACK/TFLite (int8 resize is slower than float, and TFLite's ARG_MAX
-  is scalar either way); the label map is the same up to the resize's int8 rounding, which it no longer has.
+  Where the resize upsamples 8x or more (DeepLabv3), neither op gains from int8 on XNNPACK/TFLite (int8 resize
+  is slower than float, and TFLite's int8 ARG_MAX was up to 2x its float time); a v3+ decoder's logits (4x)
+  keep their int8 tail. The label map is the same up to the resize's int8 rounding, which it no longer has.
 
 Both work on ``schema.ModelT`` (LiteRT's flatbuffer object API) and refuse, by returning False, any graph that
 is not the pattern they know; :func:`optimize_int8` applies the ones asked for and packs the file again.
@@ -141,8 +142,15 @@ def fold_input_normalization(model) -> bool:
     return True
 
 
-def float_tail(model) -> bool:
-    """int8 logits -> RESIZE_BILINEAR -> ARG_MAX (graph output): resize and ArgMax in float (see module doc)."""
+# The float tail pays where the logits map is small and the resize large (upsampling 8x and more: DeepLabv3 at
+# output stride 8 and 16); a v3+ decoder's logits, 4x below the image, resize and ArgMax faster in int8 (measured:
+# README "Where int8 time goes").
+MIN_FLOAT_TAIL_UPSAMPLING = 8
+
+
+def float_tail(model, min_upsampling: float = MIN_FLOAT_TAIL_UPSAMPLING) -> bool:
+    """int8 logits -> RESIZE_BILINEAR -> ARG_MAX (graph output): resize and ArgMax in float (see module doc), when
+    the resize upsamples by ``min_upsampling`` or more."""
     g = _Graph(model)
     (labels,) = g.graph.outputs
     argmax, name = g.producer(labels)
@@ -154,6 +162,8 @@ def float_tail(model) -> bool:
         return False
     logits = resize.inputs[0]
     if g.tensor(logits).type != schema.TensorType.INT8 or g.tensor(resized).type != schema.TensorType.INT8:
+        return False
+    if g.tensor(resized).shape[1] < min_upsampling * g.tensor(logits).shape[1]:
         return False
     float_logits = schema.TensorT()
     float_logits.shape = list(g.tensor(logits).shape)
@@ -219,7 +229,8 @@ def pack(model) -> bytes:
     return bytes(builder.Output())
 
 
-def optimize_int8(tflite: bytes, *, fold_input: bool = True, tail_in_float: bool = True) -> tuple[bytes, list[str]]:
+def optimize_int8(tflite: bytes, *, fold_input: bool = True, tail_in_float: bool = True,
+                  tail_min_upsampling: float = MIN_FLOAT_TAIL_UPSAMPLING) -> tuple[bytes, list[str]]:
     """``tflite`` with the rewrites asked for applied where the graph has their pattern, and their names."""
     if not (fold_input or tail_in_float):
         return tflite, []
@@ -227,6 +238,6 @@ def optimize_int8(tflite: bytes, *, fold_input: bool = True, tail_in_float: bool
     applied = []
     if fold_input and fold_input_normalization(model):
         applied.append("fold_input_normalization")
-    if tail_in_float and float_tail(model):
+    if tail_in_float and float_tail(model, tail_min_upsampling):
         applied.append("float_tail")
     return (pack(model), applied) if applied else (tflite, [])
