@@ -14,8 +14,10 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
+from ai_edge_litert import schema_py_generated as schema
+
 from deeplabq import quantization as Q
-from deeplabq.quantization import inspection, qat
+from deeplabq.quantization import deploy_graph, inspection, qat
 from deeplabq.model import DeepLabSpec, build_deeplab
 
 V3 = DeepLabSpec(num_classes=5, crop_size=(65, 65), depth_multiplier=0.5, output_stride=16)
@@ -291,12 +293,13 @@ def test_deploy_graph_rewrites_keep_the_labels_and_one_partition(quantized):
     XNNPACK partition, and the labels of the QAT file on LiteRT (raw pixels in, as before)."""
     _, qat_model, _, tflite = quantized
     rewritten, applied = Q.optimize_int8(tflite, tail_min_upsampling=1)  # v3+ too (by default it keeps int8)
-    assert applied == ["fold_input_normalization", "float_tail"]
+    assert applied == ["fold_input_normalization", "input_quantize_in_xnnpack", "float_tail"]
     before, after = Q.op_histogram(tflite), Q.op_histogram(rewritten)
-    assert "MUL" not in after and after["ADD"] == before["ADD"] - 1 and after["DEQUANTIZE"] == 1
+    assert "MUL" not in after and after["ADD"] == before["ADD"] - 1 and after["DEQUANTIZE"] == 2
     types = dict((name, dtype) for _, name, dtype in Q.tensor_types(rewritten))
     assert types["deeplab/quant_logits_resize/ResizeBilinear"] == "FLOAT32"
-    assert Q.xnnpack_partitions(rewritten) == 1 and Q.undelegated_ops(rewritten) == ["QUANTIZE", "ARG_MAX"]
+    # the input's uint8 -> int8 QUANTIZE became DEQUANTIZE + QUANTIZE, which XNNPACK takes
+    assert Q.xnnpack_partitions(rewritten) == 1 and Q.undelegated_ops(rewritten) == ["ARG_MAX"]
     assert Q.read_metadata(rewritten) == {"input": "raw_pixels"} and Q.read_metadata(tflite) == {}
     from ai_edge_litert.interpreter import Interpreter
 
@@ -316,8 +319,21 @@ def test_deploy_graph_rewrites_keep_the_labels_and_one_partition(quantized):
 def test_the_float_tail_is_for_logits_upsampled_8x_or_more(quantized_v3, quantized_v3plus):
     """DeepLabv3 (logits 3x3 -> 33x33 here) gets the float tail; a v3+ decoder's logits (9x9 -> 33x33) keep
     their int8 resize and ArgMax, which measured faster there (README "Where int8 time goes")."""
-    assert Q.optimize_int8(quantized_v3[3])[1] == ["fold_input_normalization", "float_tail"]
-    assert Q.optimize_int8(quantized_v3plus[3])[1] == ["fold_input_normalization"]
+    assert Q.optimize_int8(quantized_v3[3])[1] == ["fold_input_normalization", "input_quantize_in_xnnpack",
+                                                   "float_tail"]
+    assert Q.optimize_int8(quantized_v3plus[3])[1] == ["fold_input_normalization", "input_quantize_in_xnnpack"]
+
+
+def test_the_input_quantize_moved_into_xnnpack_gives_the_same_labels(quantized_v3plus):
+    """DEQUANTIZE + QUANTIZE over one scale is the uint8 -> int8 shift exactly: the labels do not move."""
+    model = schema.ModelT.InitFromPackedBuf(bytearray(quantized_v3plus[3]), 0)
+    assert deploy_graph.fold_input_normalization(model)
+    folded = deploy_graph.pack(model)
+    assert deploy_graph.input_quantize_in_xnnpack(model) and not deploy_graph.input_quantize_in_xnnpack(model)
+    moved = deploy_graph.pack(model)
+    x = images(4, seed=5)
+    np.testing.assert_array_equal(Q.run_tflite(moved, x), Q.run_tflite(folded, x))
+    assert Q.undelegated_ops(folded) == ["QUANTIZE", "ARG_MAX"] and Q.undelegated_ops(moved) == ["ARG_MAX"]
 
 
 def test_deploy_graph_rewrites_leave_other_graphs_alone(quantized_v3):
@@ -325,6 +341,6 @@ def test_deploy_graph_rewrites_leave_other_graphs_alone(quantized_v3):
     float_file = Q.float_tflite(float_model)
     assert Q.optimize_int8(float_file) == (float_file, [])
     logits = Q.qat_to_tflite(qat_model, output="logits")  # no ArgMax: the int8 logits stay the output
-    assert Q.optimize_int8(logits)[1] == ["fold_input_normalization"]
+    assert Q.optimize_int8(logits)[1] == ["fold_input_normalization", "input_quantize_in_xnnpack"]
     float_input = Q.qat_to_tflite(qat_model, input_type="float32")  # XNNPACK quantizes float pixels itself
     assert Q.optimize_int8(float_input)[1] == ["float_tail"]

@@ -13,7 +13,10 @@ per-op profile (``deeplabq.profiling``, README "Where int8 time goes"):
   is slower than float, and TFLite's int8 ARG_MAX was up to 2x its float time); a v3+ decoder's logits (4x)
   keep their int8 tail. The label map is the same up to the resize's int8 rounding, which it no longer has.
 
-Both work on ``schema.ModelT`` (LiteRT's flatbuffer object API) and refuse, by returning False, any graph that
+* :func:`input_quantize_in_xnnpack` -- the input's uint8 -> int8 QUANTIZE (which XNNPACK leaves to TFLite's
+  single-threaded kernel) becomes DEQUANTIZE + QUANTIZE over the same scale, exactly the same values, in XNNPACK.
+
+All work on ``schema.ModelT`` (LiteRT's flatbuffer object API) and refuse, by returning False, any graph that
 is not the pattern they know; :func:`optimize_int8` applies the ones asked for and packs the file again.
 """
 
@@ -142,6 +145,36 @@ def fold_input_normalization(model) -> bool:
     return True
 
 
+def input_quantize_in_xnnpack(model) -> bool:
+    """uint8 input -> QUANTIZE (uint8 -> int8): the same map as DEQUANTIZE (uint8 -> float) then QUANTIZE (float ->
+    int8), two ops XNNPACK runs on every thread, where its delegate leaves a uint8 -> int8 QUANTIZE to TFLite's own
+    single-threaded kernel. Exact: both quantizations share one scale, so q - 128 comes back for every pixel."""
+    g = _Graph(model)
+    (image,) = g.graph.inputs
+    if g.tensor(image).type != schema.TensorType.UINT8:
+        return False
+    consumers = g.consumers(image)
+    if len(consumers) != 1 or consumers[0][1] != "QUANTIZE":
+        return False
+    quantize, _ = consumers[0]
+    if g.tensor(quantize.outputs[0]).type != schema.TensorType.INT8:
+        return False
+    pixels = schema.TensorT()
+    pixels.shape = list(g.tensor(image).shape)
+    pixels.type = schema.TensorType.FLOAT32
+    pixels.name = g.tensor(image).name + b"/dequantized"
+    model.buffers.append(schema.BufferT())
+    pixels.buffer = len(model.buffers) - 1
+    g.graph.tensors.append(pixels)
+    dequantize = schema.OperatorT()
+    dequantize.opcodeIndex = g.opcode(schema.BuiltinOperator.DEQUANTIZE, version=2)
+    dequantize.inputs, dequantize.outputs = [image], [len(g.graph.tensors) - 1]
+    quantize.inputs = [dequantize.outputs[0]]
+    position = next(i for i, op in enumerate(g.graph.operators) if op is quantize)
+    g.graph.operators.insert(position, dequantize)
+    return True
+
+
 # The float tail pays where the logits map is small and the resize large (upsampling 8x and more: DeepLabv3 at
 # output stride 8 and 16); a v3+ decoder's logits, 4x below the image, resize and ArgMax faster in int8 (measured:
 # README "Where int8 time goes").
@@ -238,6 +271,8 @@ def optimize_int8(tflite: bytes, *, fold_input: bool = True, tail_in_float: bool
     applied = []
     if fold_input and fold_input_normalization(model):
         applied.append("fold_input_normalization")
+    if fold_input and input_quantize_in_xnnpack(model):
+        applied.append("input_quantize_in_xnnpack")
     if tail_in_float and float_tail(model, tail_min_upsampling):
         applied.append("float_tail")
     return (pack(model), applied) if applied else (tflite, [])
