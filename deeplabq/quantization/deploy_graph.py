@@ -77,6 +77,23 @@ class _Graph:
         self.graph.operators = [op for op, _ in keep]
         self.op_names = [name for _, name in keep]
 
+    def dequantize_before(self, op, tensor: int) -> int:
+        """A float32 copy of quantized ``tensor`` (a DEQUANTIZE inserted just before ``op``); its index."""
+        real = schema.TensorT()
+        real.shape = list(self.tensor(tensor).shape)
+        real.type = schema.TensorType.FLOAT32
+        real.name = self.tensor(tensor).name + b"/dequantized"
+        self.model.buffers.append(schema.BufferT())
+        real.buffer = len(self.model.buffers) - 1
+        self.graph.tensors.append(real)
+        dequantize = schema.OperatorT()
+        dequantize.opcodeIndex = self.opcode(schema.BuiltinOperator.DEQUANTIZE, version=2)
+        dequantize.inputs, dequantize.outputs = [tensor], [len(self.graph.tensors) - 1]
+        position = next(i for i, other in enumerate(self.graph.operators) if other is op)
+        self.graph.operators.insert(position, dequantize)
+        self.op_names.insert(position, "DEQUANTIZE")
+        return dequantize.outputs[0]
+
     def opcode(self, builtin: int, version: int = 1) -> int:
         for index, code in enumerate(self.model.operatorCodes):
             if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
@@ -159,19 +176,7 @@ def input_quantize_in_xnnpack(model) -> bool:
     quantize, _ = consumers[0]
     if g.tensor(quantize.outputs[0]).type != schema.TensorType.INT8:
         return False
-    pixels = schema.TensorT()
-    pixels.shape = list(g.tensor(image).shape)
-    pixels.type = schema.TensorType.FLOAT32
-    pixels.name = g.tensor(image).name + b"/dequantized"
-    model.buffers.append(schema.BufferT())
-    pixels.buffer = len(model.buffers) - 1
-    g.graph.tensors.append(pixels)
-    dequantize = schema.OperatorT()
-    dequantize.opcodeIndex = g.opcode(schema.BuiltinOperator.DEQUANTIZE, version=2)
-    dequantize.inputs, dequantize.outputs = [image], [len(g.graph.tensors) - 1]
-    quantize.inputs = [dequantize.outputs[0]]
-    position = next(i for i, op in enumerate(g.graph.operators) if op is quantize)
-    g.graph.operators.insert(position, dequantize)
+    quantize.inputs = [g.dequantize_before(quantize, image)]
     return True
 
 
@@ -198,21 +203,9 @@ def float_tail(model, min_upsampling: float = MIN_FLOAT_TAIL_UPSAMPLING) -> bool
         return False
     if g.tensor(resized).shape[1] < min_upsampling * g.tensor(logits).shape[1]:
         return False
-    float_logits = schema.TensorT()
-    float_logits.shape = list(g.tensor(logits).shape)
-    float_logits.type = schema.TensorType.FLOAT32
-    float_logits.name = g.tensor(logits).name + b"/dequantized"
-    model.buffers.append(schema.BufferT())
-    float_logits.buffer = len(model.buffers) - 1
-    g.graph.tensors.append(float_logits)
-    dequantize = schema.OperatorT()
-    dequantize.opcodeIndex = g.opcode(schema.BuiltinOperator.DEQUANTIZE, version=2)
-    dequantize.inputs, dequantize.outputs = [logits], [len(g.graph.tensors) - 1]
-    resize.inputs = [dequantize.outputs[0]] + list(resize.inputs[1:])
+    resize.inputs = [g.dequantize_before(resize, logits)] + list(resize.inputs[1:])
     g.tensor(resized).type = schema.TensorType.FLOAT32
     g.tensor(resized).quantization = None
-    position = next(i for i, op in enumerate(g.graph.operators) if op is resize)
-    g.graph.operators.insert(position, dequantize)
     return True
 
 
