@@ -77,6 +77,15 @@ class _Graph:
         self.graph.operators = [op for op, _ in keep]
         self.op_names = [name for _, name in keep]
 
+    def input_quantize(self):
+        """(graph input, the QUANTIZE that is its only consumer) for a uint8 input, else (input, None)."""
+        (image,) = self.graph.inputs
+        consumers = self.consumers(image)
+        if self.tensor(image).type != schema.TensorType.UINT8 or len(consumers) != 1 \
+                or consumers[0][1] != "QUANTIZE":
+            return image, None
+        return image, consumers[0][0]
+
     def dequantize_before(self, op, tensor: int) -> int:
         """A float32 copy of quantized ``tensor`` (a DEQUANTIZE inserted just before ``op``); its index."""
         real = schema.TensorT()
@@ -118,13 +127,9 @@ def _scalar_params(tensor) -> tuple[float, int]:
 def fold_input_normalization(model) -> bool:
     """uint8 input -> QUANTIZE -> MUL(const m) -> ADD(const o) -> ...: drop the MUL and ADD (see module doc)."""
     g = _Graph(model)
-    (image,) = g.graph.inputs
-    if g.tensor(image).type != schema.TensorType.UINT8:
+    image, quantize = g.input_quantize()
+    if quantize is None:
         return False
-    consumers = g.consumers(image)
-    if len(consumers) != 1 or consumers[0][1] != "QUANTIZE":
-        return False
-    quantize, _ = consumers[0]
     shifted = quantize.outputs[0]
     after = g.consumers(shifted)
     if len(after) != 1 or after[0][1] != "MUL":
@@ -167,13 +172,9 @@ def input_quantize_in_xnnpack(model) -> bool:
     int8), two ops XNNPACK runs on every thread, where its delegate leaves a uint8 -> int8 QUANTIZE to TFLite's own
     single-threaded kernel. Exact: both quantizations share one scale, so q - 128 comes back for every pixel."""
     g = _Graph(model)
-    (image,) = g.graph.inputs
-    if g.tensor(image).type != schema.TensorType.UINT8:
+    image, quantize = g.input_quantize()
+    if quantize is None:
         return False
-    consumers = g.consumers(image)
-    if len(consumers) != 1 or consumers[0][1] != "QUANTIZE":
-        return False
-    quantize, _ = consumers[0]
     if g.tensor(quantize.outputs[0]).type != schema.TensorType.INT8:
         return False
     quantize.inputs = [g.dequantize_before(quantize, image)]
